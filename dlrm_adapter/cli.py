@@ -1,0 +1,322 @@
+"""Command line: ``mpirun -np N python -m dlrm_adapter [options]``.
+
+``--backend`` and ``--bound`` take comma-separated lists; every combination is
+run in sequence inside the same MPI job (same model, same data), which is how
+``--demo`` compares backends in one command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backends import BACKENDS, blsfab_available, make_backend, slot_bytes_for
+from .config import DATASETS, ModelArch, arch_for
+from .data import (CriteoTSVSource, Pooling, Source, SyntheticSource, parse_float_range)
+from .model import DLRM, arch_from_state_dict, load_checkpoint, unused_keys
+from .report import format_comparison, format_summary, summarize, write_json
+from .runner import RankResult, Runner, RunSpec
+from .sharding import PLACEMENTS, ExchangeLayout, place_tables
+
+DEFAULTS: Dict[str, Any] = {
+    "dataset": "criteo-kaggle", "batch_size": 512, "warmup": 5,
+    "seed": 0, "backend": "mpi", "bound": "4", "placement": "contiguous", "pooling": "1",
+    "slow_ms": 0.0, "timeout": 60.0, "threads": 1, "chunk": 64,
+}
+# --demo: a ~1 minute comparison under random delays (explicit flags still win).
+DEMO_DEFAULTS: Dict[str, Any] = {
+    "rows_cap": 100000, "batch_size": 512, "num_batches": 600, "warmup": 10,
+    "backend": "mpi,mpi-bls,bls", "bound": "8", "delay_ms": "0:10",
+}
+
+
+class UsageError(ValueError):
+    """A bad option value; identical on every rank, reported once."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dlrm_adapter",
+        description="DLRM inference with table-wise sharded embeddings and a bounded-lag "
+                    "alltoallv (run under mpirun).")
+    a = p.add_argument
+    a("--demo", action="store_true",
+      help="compare mpi, mpi-bls and bls under --delay-ms 0:10 with bound 8 (about a minute "
+           "with 4 ranks); other flags override the demo settings")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--dataset", choices=sorted(DATASETS), help="shapes to use (criteo-kaggle)")
+    g.add_argument("--data", metavar="PATH", help="Criteo Kaggle TSV file instead of synthetic data")
+    g.add_argument("--rows-cap", type=int, metavar="N", help="cap every table at N rows")
+    g.add_argument("--load-model", metavar="PATH",
+                   help="facebookresearch/dlrm checkpoint (state_dict or {'state_dict': ...})")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of --load-model (only for trusted files)")
+    g.add_argument("--batch-size", type=int, metavar="B", help="global batch size (512)")
+    g.add_argument("--num-batches", type=int, metavar="N",
+                   help="batches to time (100; with --data: all in the file)")
+    g.add_argument("--warmup", type=int, metavar="N", help="untimed warm-up batches (5)")
+    g.add_argument("--seed", type=int, help="seed for weights and synthetic data (0)")
+    g.add_argument("--zipf", type=float, metavar="ALPHA", help="Zipf indices instead of uniform")
+    g.add_argument("--pooling", metavar="L|A:B", help="lookups per bag, fixed or random (1)")
+    g.add_argument("--table-pooling", metavar="A:B",
+                   help="fixed lookups per bag for each table, drawn once per table from A:B")
+    g.add_argument("--chunk", type=int, metavar="M",
+                   help="rows per MLP micro-chunk, the unit of row-stable compute (64)")
+    d = p.add_argument_group("distribution and exchange")
+    d.add_argument("--backend", metavar="NAME[,NAME]", help=f"{', '.join(BACKENDS)} (mpi)")
+    d.add_argument("--bound", metavar="K[,K]", help="exchanges allowed in flight beyond the "
+                                                    "current one (4)")
+    d.add_argument("--placement", choices=PLACEMENTS, help="table placement (contiguous)")
+    d.add_argument("--provider", help="libfabric provider for bls (library default)")
+    d.add_argument("--timeout", type=float, help="bls wait timeout in seconds (60)")
+    d.add_argument("--threads", type=int, help="torch threads per rank (1)")
+    s = p.add_argument_group("stragglers")
+    s.add_argument("--delay-ms", metavar="A:B", help="every rank sleeps U[A,B] ms per batch")
+    s.add_argument("--slow-rank", type=int, metavar="R", help="rank that is persistently slow")
+    s.add_argument("--slow-ms", type=float, metavar="X", help="extra ms per batch on --slow-rank")
+    o = p.add_argument_group("output")
+    o.add_argument("--save-predictions", metavar="PATH",
+                   help="rank 0 writes predictions in global sample order (.npy); with several "
+                        "runs use {backend}, {bound} or {run} in PATH")
+    o.add_argument("--json", metavar="PATH", help="write configuration and results as JSON")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--version", action="version", version=f"dlrm_adapter {__version__}")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    for table in ((DEMO_DEFAULTS,) if args.demo else ()) + (DEFAULTS,):
+        for k, v in table.items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+    return args
+
+
+# ------------------------------------------------------------------ validation
+
+def _list(text: str, flag: str) -> List[str]:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"{flag} needs at least one value, got {text!r}")
+    return items
+
+
+def _positive(name: str, value: Optional[float], minimum: float = 1) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{name} must be >= {minimum:g}, got {value}")
+
+
+def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]]:
+    backends = _list(args.backend, "--backend")
+    for b in backends:
+        if b not in BACKENDS:
+            raise UsageError(f"--backend must be among {', '.join(BACKENDS)}; got {b!r}")
+    try:
+        bounds = [int(b) for b in _list(args.bound, "--bound")]
+    except ValueError:
+        raise UsageError(f"--bound expects integers K or K1,K2,...; got {args.bound!r}") from None
+    if any(b < 0 for b in bounds):
+        raise UsageError(f"--bound must be >= 0, got {args.bound!r}")
+    _positive("--batch-size", args.batch_size)
+    _positive("--num-batches", args.num_batches)
+    _positive("--warmup", args.warmup, 0)
+    _positive("--seed", args.seed, 0)
+    _positive("--threads", args.threads)
+    _positive("--chunk", args.chunk)
+    _positive("--rows-cap", args.rows_cap)
+    _positive("--slow-ms", args.slow_ms, 0)
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.slow_rank is not None and not 0 <= args.slow_rank < world:
+        raise UsageError(f"--slow-rank {args.slow_rank} is not a rank of this {world}-rank job")
+    if args.table_pooling and args.pooling != "1":
+        raise UsageError("use either --pooling or --table-pooling, not both")
+    if args.data and args.dataset != "criteo-kaggle":
+        raise UsageError(f"--data reads Criteo Kaggle TSV files; --dataset is {args.dataset!r}")
+    if args.data and (args.zipf is not None or args.table_pooling or args.pooling != "1"):
+        raise UsageError("--zipf/--pooling/--table-pooling apply to synthetic data, not --data")
+    if args.load_model and args.rows_cap is not None:
+        raise UsageError("--rows-cap cannot be combined with --load-model: the checkpoint fixes "
+                         "the table sizes")
+    runs = len(backends) * len(bounds)
+    if args.save_predictions and runs > 1 and not any(
+            f"{{{k}}}" in args.save_predictions for k in ("backend", "bound", "run")):
+        raise UsageError(f"{runs} runs would overwrite --save-predictions "
+                         f"{args.save_predictions!r}; put {{backend}}, {{bound}} or {{run}} in it")
+    return backends, bounds
+
+
+# ------------------------------------------------------------------ setup
+
+def build_arch(args: argparse.Namespace) -> Tuple[ModelArch, Optional[Dict[str, torch.Tensor]]]:
+    spec = DATASETS[args.dataset]
+    if not args.load_model:
+        return arch_for(spec, args.rows_cap), None
+    state = load_checkpoint(args.load_model, trust=args.trust_checkpoint)
+    arch = arch_from_state_dict(state)
+    if arch.num_tables != len(spec.table_sizes) or arch.dense_dim != spec.dense_dim:
+        raise UsageError(f"checkpoint {args.load_model!r} has {arch.num_tables} tables and "
+                         f"{arch.dense_dim} dense inputs; --dataset {spec.name} has "
+                         f"{len(spec.table_sizes)} and {spec.dense_dim}")
+    return arch, state
+
+
+def build_source(args: argparse.Namespace, arch: ModelArch) -> Source:
+    if args.data:
+        src = CriteoTSVSource(args.data, arch, args.batch_size, args.num_batches)
+        args.num_batches = src.num_batches
+        return src
+    if args.num_batches is None:
+        args.num_batches = 100
+    if args.table_pooling:
+        pooling = Pooling.parse(args.table_pooling, per_table=True)
+    else:
+        pooling = Pooling.parse(args.pooling)
+    return SyntheticSource(arch, args.batch_size, args.num_batches, args.seed, pooling, args.zipf)
+
+
+def plan_runs(args: argparse.Namespace, backends: List[str], bounds: List[int],
+              rank0_print: Any) -> List[RunSpec]:
+    delay = parse_float_range(args.delay_ms, "--delay-ms") if args.delay_ms else None
+    runs: List[RunSpec] = []
+    if args.demo:
+        if "bls" in backends and not blsfab_available():
+            rank0_print("demo: blsfab is not importable yet; skipping the bls backend")
+            backends = [b for b in backends if b != "bls"]
+        if delay:
+            runs.append(RunSpec("mpi", 0, min(args.num_batches, 200), args.warmup, None,
+                                label="mpi no delay (compute)"))
+    for b in backends:
+        for k in bounds:
+            runs.append(RunSpec(b, k, args.num_batches, args.warmup, delay, args.slow_rank,
+                                args.slow_ms or 0.0))
+    return runs
+
+
+def _expected_max_uniform(lo: float, hi: float, p: int) -> float:
+    return lo + (hi - lo) * p / (p + 1)
+
+
+# ------------------------------------------------------------------ main
+
+def _gather_predictions(ranks: List[Dict[str, Any]], n: int) -> np.ndarray:
+    parts = [ranks[r]["preds"][b] for b in range(n) for r in range(len(ranks))]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
+def _labels(source: Source, n: int) -> Optional[np.ndarray]:
+    if not source.has_labels:
+        return None
+    return np.concatenate([source.labels(b) for b in range(n)])
+
+
+def run_all(args: argparse.Namespace, comm: Any, phase: Dict[str, bool]) -> int:
+    """Set up, then run every planned run; ``phase["running"]`` marks the end of setup."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+
+    def say(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    backends, bounds = validate(args, size)
+    torch.set_num_threads(args.threads)
+    arch, state = build_arch(args)
+    source = build_source(args, arch)
+    tables = place_tables(args.placement, size, arch.table_sizes, source.mean_lookups())
+    layout = ExchangeLayout(tuple(tuple(ts) for ts in tables), arch.emb_dim, rank)
+    if state is not None:
+        model = DLRM.from_state_dict(arch, layout.my_tables, state, args.chunk)
+        ignored = unused_keys(state, arch)
+        if ignored:
+            say(f"note: ignoring checkpoint entries {', '.join(ignored[:8])}"
+                + (" ..." if len(ignored) > 8 else ""))
+        del state
+    else:
+        model = DLRM.from_seed(arch, layout.my_tables, args.seed, args.chunk)
+    max_batch = max(source.size_of(b) for b in range(source.num_batches))
+    slot_bytes = slot_bytes_for(layout.max_message_bytes(max_batch))
+    runs = plan_runs(args, backends, bounds, say)
+    cap = f", rows cap {args.rows_cap}" if args.rows_cap else ""
+    say(f"dlrm_adapter: {args.dataset}, {arch.num_tables} tables{cap}, {size} rank(s), "
+        f"global batch {args.batch_size}, placement {args.placement}: tables per rank "
+        f"{[len(t) for t in tables]}")
+
+    runner = Runner(comm, model, layout, source, args.seed, progress=not args.no_progress)
+    phase["running"] = True
+    summaries: List[Dict[str, Any]] = []
+    json_runs: List[Dict[str, Any]] = []
+    for i, spec in enumerate(runs):
+        backend = make_backend(spec.backend, comm, spec.bound, slot_bytes, args.provider,
+                               args.timeout)
+        try:
+            res: RankResult = runner.run(spec, backend)
+        finally:
+            backend.close()
+        ranks = comm.gather(res.__dict__, root=0)
+        if rank != 0:
+            continue
+        n = spec.num_batches
+        preds = _gather_predictions(ranks, n)
+        samples = sum(source.size_of(b) for b in range(n))
+        s = summarize(spec, ranks, samples, preds, _labels(source, n), backend.synchronous)
+        summaries.append(s)
+        print(format_summary(s), flush=True)
+        if args.save_predictions:
+            path = args.save_predictions.format(backend=spec.backend, bound=spec.bound, run=i)
+            np.save(path, preds)
+        json_runs.append({"summary": s, "ranks": [{k: v for k, v in r.items() if k != "preds"}
+                                                  for r in ranks]})
+
+    if rank == 0:
+        models: Dict[str, float] = {}
+        base = next((s for s in summaries if s["label"] == "mpi no delay (compute)"), None)
+        if base and args.delay_ms:
+            lo, hi = parse_float_range(args.delay_ms, "--delay-ms")
+            compute = base["per_batch_ms"]
+            models = {"compute_ms": compute, "ideal_ms": compute + (lo + hi) / 2,
+                      "sync_ms": compute + _expected_max_uniform(lo, hi, size)}
+        if len(summaries) > 1:
+            print(format_comparison(summaries, models.get("ideal_ms"), models.get("sync_ms")),
+                  flush=True)
+        if args.json:
+            config = {k: v for k, v in vars(args).items()}
+            config.update({
+                "world_size": size, "arch": arch.__dict__, "tables_per_rank": tables,
+                "slot_bytes": slot_bytes, "torch": torch.__version__,
+                "python": platform.python_version(), "mkl_cbwr": os.environ.get("MKL_CBWR"),
+            })
+            write_json(args.json, {"config": config, "models": models, "runs": json_runs})
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from mpi4py import MPI  # after argparse, so --help works without MPI
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    phase = {"running": False}
+    try:
+        return run_all(args, comm, phase)
+    except (ValueError, FileNotFoundError) as exc:
+        if not phase["running"]:
+            # Configuration problems are hit identically by every rank before any exchange.
+            if rank == 0:
+                print(f"dlrm_adapter: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        print(f"dlrm_adapter: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
+        if size > 1:
+            comm.Abort(1)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one rank failing must not hang the others
+        print(f"dlrm_adapter: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
+        if size > 1:
+            comm.Abort(1)
+        return 1

@@ -1,0 +1,78 @@
+# Send-buffer inspection and result allocation for numpy arrays and CPU torch tensors.
+
+import sys
+
+cdef object _torch_tensor_type = None
+
+
+cdef object torch_tensor_type():
+    """torch.Tensor if torch is already imported; blsfab never imports it itself."""
+    global _torch_tensor_type
+    if _torch_tensor_type is None:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            _torch_tensor_type = torch.Tensor
+    return _torch_tensor_type
+
+
+cdef struct BufferView:
+    char* data
+    int64_t nelems
+    size_t itemsize
+    bint is_torch
+
+
+cdef object describe_buffer(object buf, BufferView* view):
+    """Fill ``view`` for a 1-D contiguous CPU numpy array or torch tensor;
+    return its dtype."""
+    cdef cnp.ndarray arr
+    if isinstance(buf, cnp.ndarray):
+        arr = <cnp.ndarray>buf
+        if cnp.PyArray_NDIM(arr) != 1:
+            raise ValueError(f"sendbuf must be 1-D; got {cnp.PyArray_NDIM(arr)} dimensions "
+                             f"(shape {buf.shape}); pass buf.reshape(-1)")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+            raise ValueError("sendbuf must be contiguous; got a strided view; "
+                             "pass numpy.ascontiguousarray(buf)")
+        dtype = arr.dtype
+        if dtype.hasobject or cnp.PyArray_ITEMSIZE(arr) == 0:
+            raise TypeError(f"unsupported sendbuf dtype {arr.dtype}: use a fixed-size "
+                            "numeric dtype such as float32, float16 or int64")
+        view.data = <char*>cnp.PyArray_DATA(arr)
+        view.nelems = cnp.PyArray_SIZE(arr)
+        view.itemsize = cnp.PyArray_ITEMSIZE(arr)
+        view.is_torch = False
+        return dtype
+    tensor_type = torch_tensor_type()
+    if tensor_type is not None and isinstance(buf, tensor_type):
+        if not buf.is_cpu:
+            raise ValueError(f"sendbuf must be a CPU tensor; got one on device {buf.device}; "
+                             "move it with tensor.cpu()")
+        if buf.dim() != 1:
+            raise ValueError(f"sendbuf must be 1-D; got {buf.dim()} dimensions "
+                             f"(shape {tuple(buf.shape)}); pass tensor.reshape(-1)")
+        if not buf.is_contiguous():
+            raise ValueError("sendbuf must be contiguous; got a strided tensor; "
+                             "pass tensor.contiguous()")
+        if buf.is_quantized or buf.is_sparse:
+            raise TypeError(f"unsupported sendbuf: quantized and sparse tensors are not "
+                            f"plain memory; convert with tensor.dequantize() or .to_dense()")
+        view.data = <char*><uintptr_t>buf.data_ptr()
+        view.nelems = buf.numel()
+        view.itemsize = buf.element_size()
+        view.is_torch = True
+        return buf.dtype
+    raise TypeError(f"sendbuf must be a numpy.ndarray or a CPU torch.Tensor; "
+                    f"got {type(buf).__module__}.{type(buf).__qualname__}")
+
+
+cdef object allocate_like(bint is_torch, object dtype, int64_t nelems, char** data):
+    """A new 1-D buffer of ``nelems`` elements of the sender's kind and dtype."""
+    if is_torch:
+        torch = sys.modules["torch"]
+        out = torch.empty(nelems, dtype=dtype)
+        data[0] = <char*><uintptr_t>out.data_ptr()
+        return out
+    cdef cnp.ndarray arr = np.empty(nelems, dtype=dtype)
+    data[0] = <char*>cnp.PyArray_DATA(arr)
+    return arr

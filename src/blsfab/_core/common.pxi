@@ -1,0 +1,62 @@
+# Shared imports and helpers for every included file.
+
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset, strdup
+from posix.stdlib cimport posix_memalign
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
+from blsfab.libfabric cimport *
+
+cimport numpy as cnp
+
+import numpy as np
+
+from blsfab.errors import ClosedError, FabricError, TimeoutError as BlsTimeoutError
+
+cnp.import_array()
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+cdef extern from "blsfab/wire.h" nogil:
+    ctypedef struct bls_slot_header_t:
+        uint64_t seq
+        uint64_t credit
+        uint64_t first_iteration
+        uint32_t nrecords
+        uint32_t magic
+    ctypedef struct bls_record_header_t:
+        uint64_t nbytes
+    uint32_t BLS_KIND_DATA, BLS_KIND_CREDIT, BLS_IMM_WANT, BLS_SLOT_MAGIC, BLS_MAX_RANKS, BLS_MAX_RING_SLOTS
+    uint32_t bls_imm_encode(uint32_t kind, uint32_t rank, uint64_t count)
+    uint32_t bls_imm_kind(uint64_t imm)
+    int bls_imm_wants(uint64_t imm)
+    uint32_t bls_imm_rank(uint64_t imm)
+    int32_t bls_imm_count_delta(uint64_t imm, uint64_t floor)
+    size_t bls_align(size_t n)
+    size_t bls_single_record_bytes(size_t n)
+
+# Overhead of one record in its own slot; the largest message is slot_bytes minus this.
+SLOT_OVERHEAD = sizeof(bls_slot_header_t) + sizeof(bls_record_header_t)
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline str fi_error_text(int ret):
+    return fi_strerror(-ret if ret < 0 else ret).decode(errors="replace")
+
+
+cdef int check(int ret, str what, str provider) except -1:
+    """Raise FabricError for a negative libfabric return code."""
+    if ret < 0:
+        text = fi_error_text(ret)
+        raise FabricError(f"{what} failed on provider {provider!r}: {text} ({-ret})",
+                          provider=provider, errno=-ret, strerror=text)
+    return 0
+BLS_MAX_RING_SLOTS_PY = BLS_MAX_RING_SLOTS

@@ -1,0 +1,102 @@
+# CompletionQueue, AddressVector and Endpoint.
+
+
+cdef class CompletionQueue:
+    """One CQ in FI_CQ_FORMAT_DATA, bound to the endpoint for both transmit and
+    receive, so a single read makes progress on both directions."""
+
+    cdef fid_cq* cq
+    cdef readonly Domain domain
+
+    def __cinit__(self, Domain domain not None, size_t size=0):
+        cdef fi_cq_attr attr
+        memset(&attr, 0, sizeof(attr))
+        attr.format = FI_CQ_FORMAT_DATA
+        attr.wait_obj = FI_WAIT_NONE
+        attr.size = size
+        self.cq = NULL
+        self.domain = domain
+        check(fi_cq_open(domain.domain, &attr, &self.cq, NULL), "fi_cq_open", domain.provider)
+
+    cdef str read_error(self):
+        """Describe the error entry at the head of the CQ (after -FI_EAVAIL)."""
+        cdef fi_cq_err_entry err
+        cdef char buf[256]
+        memset(&err, 0, sizeof(err))
+        if fi_cq_readerr(self.cq, &err, 0) < 0:
+            return "unreadable error completion"
+        detail = fi_cq_strerror(self.cq, err.prov_errno, err.err_data, buf, sizeof(buf))
+        return (f"{fi_error_text(err.err)} (err {err.err}, provider errno {err.prov_errno}: "
+                f"{detail.decode(errors='replace') if detail != NULL else '?'})")
+
+    def close(self):
+        if self.cq != NULL:
+            fi_close(&self.cq.fid)
+            self.cq = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+
+cdef class AddressVector:
+    """``fi_av`` in table mode: peer i's address is the i-th inserted name."""
+
+    cdef fid_av* av
+    cdef readonly Domain domain
+
+    def __cinit__(self, Domain domain not None, size_t count):
+        cdef fi_av_attr attr
+        memset(&attr, 0, sizeof(attr))
+        attr.type = FI_AV_TABLE
+        attr.count = count
+        self.av = NULL
+        self.domain = domain
+        check(fi_av_open(domain.domain, &attr, &self.av, NULL), "fi_av_open", domain.provider)
+
+    cdef int insert(self, bytes name, fi_addr_t* out) except -1:
+        cdef int ret = fi_av_insert(self.av, <const char*>name, 1, out, 0, NULL)
+        if ret != 1:
+            check(ret if ret < 0 else -FI_EAVAIL, "fi_av_insert", self.domain.provider)
+        return 0
+
+    def close(self):
+        if self.av != NULL:
+            fi_close(&self.av.fid)
+            self.av = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+
+cdef class Endpoint:
+    """An RDM endpoint bound to one CQ and one AV, enabled on construction."""
+
+    cdef fid_ep* ep
+    cdef readonly Domain domain
+    cdef readonly CompletionQueue cq
+    cdef readonly AddressVector av
+
+    def __cinit__(self, Domain domain not None, CompletionQueue cq not None,
+                  AddressVector av not None):
+        self.ep = NULL
+        self.domain, self.cq, self.av = domain, cq, av
+        prov = domain.provider
+        check(fi_endpoint(domain.domain, domain.fabric.info.info, &self.ep, NULL), "fi_endpoint", prov)
+        check(fi_ep_bind(self.ep, &cq.cq.fid, FI_TRANSMIT | FI_RECV), "fi_ep_bind(cq)", prov)
+        check(fi_ep_bind(self.ep, &av.av.fid, 0), "fi_ep_bind(av)", prov)
+        check(fi_enable(self.ep), "fi_enable", prov)
+
+    def name(self):
+        """The endpoint's address, to be handed to peers for their AV."""
+        cdef char buf[256]
+        cdef size_t length = sizeof(buf)
+        check(fi_getname(&self.ep.fid, buf, &length), "fi_getname", self.domain.provider)
+        return PyBytes_FromStringAndSize(buf, length)
+
+    def close(self):
+        if self.ep != NULL:
+            fi_close(&self.ep.fid)
+            self.ep = NULL
+
+    def __dealloc__(self):
+        self.close()

@@ -1,0 +1,193 @@
+# Request: one iteration of alltoallv, from validation to its received data.
+
+
+cdef class Request:
+    """The handle of one nonblocking alltoallv iteration.
+
+    ``test()`` makes progress and reports completion; ``wait()`` returns the
+    received data, the messages of all ranks concatenated in rank order, as
+    the same kind of buffer (numpy array or CPU tensor) and dtype that was sent.
+    """
+
+    cdef RingEngine engine
+    cdef IterState* state
+    cdef readonly int64_t iteration
+    cdef bint is_torch
+    cdef object dtype
+    cdef size_t itemsize
+    cdef object result
+    cdef list _recvcounts
+    # send side, held from prepare() until the iteration is posted
+    cdef SendItem item
+    cdef object sendbuf
+    cdef int64_t* counts_displs
+
+    def __cinit__(self):
+        self.state = NULL
+        self.counts_displs = NULL
+
+    @staticmethod
+    cdef Request _create(RingEngine engine, object sendbuf, object sendcounts):
+        cdef Request self = Request.__new__(Request)
+        cdef BufferView view
+        cdef int size = engine.size
+        cdef int j
+        cdef int64_t c, total = 0, nbytes, largest = 0
+        cdef int64_t largest_rank = 0
+        self.dtype = describe_buffer(sendbuf, &view)
+        try:
+            nsend = len(sendcounts)
+        except TypeError:
+            raise TypeError(f"sendcounts must be a sequence of {size} integers; "
+                            f"got {type(sendcounts).__name__}") from None
+        if nsend != size:
+            raise ValueError(f"sendcounts has {nsend} entries; it needs one per rank ({size})")
+        self.counts_displs = <int64_t*>malloc(2 * size * sizeof(int64_t))
+        if self.counts_displs == NULL:
+            raise MemoryError()
+        for j in range(size):
+            c = sendcounts[j]
+            if c < 0:
+                raise ValueError(f"sendcounts[{j}] = {c} is negative")
+            self.counts_displs[j] = c
+            self.counts_displs[size + j] = total
+            total += c
+            if c > largest:
+                largest, largest_rank = c, j
+        if total > view.nelems:
+            raise ValueError(f"sendcounts sum to {total} elements but sendbuf holds only "
+                             f"{view.nelems}")
+        nbytes = largest * view.itemsize
+        if nbytes > <int64_t>(engine.slot_bytes - SLOT_OVERHEAD):
+            raise ValueError(
+                f"the message to rank {largest_rank} is {nbytes} bytes but slot_bytes="
+                f"{engine.slot_bytes} holds at most {engine.slot_bytes - SLOT_OVERHEAD}; "
+                f"create the Communicator with slot_bytes >= {nbytes + SLOT_OVERHEAD}")
+        cdef int rc = engine.state_for(engine.reserved, &self.state)
+        if rc < 0:
+            self.state = NULL
+            engine._raise(rc, engine.reserved)
+        self.engine = engine
+        self.iteration = engine.reserved
+        engine.reserved += 1
+        self.is_torch = view.is_torch
+        self.itemsize = view.itemsize
+        self.sendbuf = sendbuf
+        self.item.data = view.data
+        self.item.itemsize = view.itemsize
+        self.item.counts = self.counts_displs
+        self.item.displs = self.counts_displs + size
+        self.item.state = self.state
+        return self
+
+    cdef void release_send(self):
+        """Forget the send buffer once its data is copied out."""
+        self.sendbuf = None
+        free(self.counts_displs)
+        self.counts_displs = NULL
+        self.item.counts = NULL
+        self.item.displs = NULL
+
+    def __dealloc__(self):
+        free(self.counts_displs)
+        if self.state != NULL:
+            if self.state.detached:
+                iter_state_free(self.state)
+            else:
+                self.state.orphaned = True  # the engine frees it on completion
+            self.state = NULL
+
+    cdef int finish(self) except -1:
+        """Build the result from the per-source pieces and free them."""
+        cdef IterState* st = self.state
+        cdef char* out = NULL
+        cdef size_t offset = 0
+        cdef int s
+        for s in range(st.nranks):
+            if st.nbytes[s] % self.itemsize:
+                raise ValueError(
+                    f"iteration {self.iteration}: rank {s} sent {st.nbytes[s]} bytes, not a "
+                    f"multiple of this rank's item size {self.itemsize}; all ranks must send "
+                    "the same dtype")
+        result = allocate_like(self.is_torch, self.dtype, st.total // self.itemsize, &out)
+        with nogil:
+            for s in range(st.nranks):
+                if st.nbytes[s]:
+                    memcpy(out + offset, st.data[s], st.nbytes[s])
+                    offset += st.nbytes[s]
+        self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
+        self.result = result
+        iter_state_free(st)
+        self.state = NULL
+        return 0
+
+    cdef int check_usable(self) except -1:
+        if self.result is not None:
+            return 0
+        if self.state == NULL:
+            raise RuntimeError("this request was never set up")
+        if self.state.closed:
+            raise ClosedError(f"the communicator was closed before iteration "
+                              f"{self.iteration} completed")
+        if not self.state.posted:
+            raise RuntimeError(f"iteration {self.iteration} has not been posted yet "
+                               "(it is inside an open comm.chain() block)")
+        return 0
+
+    def test(self):
+        """Make progress once; True when the data has arrived from every rank."""
+        if self.result is not None:
+            return True
+        self.check_usable()
+        if not self.state.detached:
+            self.engine.make_progress()
+            if not self.state.detached:
+                return False
+        self.check_usable()
+        self.finish()
+        return True
+
+    def wait(self, timeout=None):
+        """Progress until complete and return the received data. Raises
+        blsfab.TimeoutError naming the ranks not heard from after ``timeout``
+        seconds (default: the communicator's timeout)."""
+        cdef int rc
+        cdef double deadline
+        if self.result is not None:
+            return self.result
+        self.check_usable()
+        if not self.state.detached:
+            self.engine._check_open()
+            deadline = monotonic() + (self.engine_timeout() if timeout is None else timeout)
+            with nogil:
+                rc = self.engine.wait_state(self.state, deadline)
+            if rc == RC_TIMEOUT:
+                missing = [s for s in range(self.state.nranks) if not self.state.have[s]]
+                raise BlsTimeoutError(
+                    f"rank {self.engine.rank}: iteration {self.iteration} incomplete after "
+                    f"{timeout if timeout is not None else self.engine_timeout():g} s; no "
+                    f"message yet from ranks {missing} (not posted, or stopped)",
+                    iteration=self.iteration, ranks=missing)
+            self.engine._raise(rc, self.iteration)
+        self.check_usable()
+        self.finish()
+        return self.result
+
+    cdef double engine_timeout(self):
+        return self.engine.default_timeout
+
+    @property
+    def recvcounts(self):
+        """Elements received from each rank; valid once the request is complete."""
+        if self._recvcounts is None:
+            raise RuntimeError(f"iteration {self.iteration} is not complete yet; "
+                               "call test() or wait() first")
+        return list(self._recvcounts)
+
+    @property
+    def done(self):
+        return self.result is not None
+
+    def __repr__(self):
+        state = "complete" if self.result is not None else "pending"
+        return f"<blsfab.Request iteration={self.iteration} {state}>"

@@ -1,0 +1,173 @@
+"""Communicator: the bounded-lag synchronous (BLS) alltoallv.
+
+The policy lives here: how far a rank may run ahead (``bound``), how large the
+rings are, timeouts, and bootstrap. The transport is blsfab._core.RingEngine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+from . import _core
+from . import provider as _provider
+from .bootstrap import MPIBootstrap, hostname
+from .errors import ClosedError
+
+Request = _core.Request
+
+# Iterations one chain may hold before it is posted; sizes the receive window.
+MAX_CHAIN = 64
+
+
+def ring_slots_for(bound: int) -> int:
+    """Slots per sender ring that let a rank run ``bound`` iterations ahead
+    without ever waiting for a credit: after ialltoallv(i) returns, every peer
+    has posted i - bound, and that peer's message reported consuming our
+    slots up to i - 2*bound - 1, so iteration i + 1 needs 2*bound + 2 slots."""
+    return 2 * bound + 2
+
+
+def providers() -> List[str]:
+    """The providers usable on this host for blsfab, best first."""
+    return [name for name in _provider.KNOWN if _core.FabricInfo.query(name) is not None]
+
+
+class Communicator:
+    """A bounded-lag alltoallv over libfabric RMA among the ranks of ``mpi_comm``.
+
+    ``bound`` is how many iterations a rank may post beyond the slowest peer's
+    latest post; 0 is a bulk-synchronous collective. ``slot_bytes`` caps one
+    message to one peer (its ring slots hold a 40-byte header too). Every wait
+    gives up after ``timeout`` seconds with blsfab.TimeoutError naming the ranks
+    it is still waiting for.
+
+    ``ring_slots`` (advanced) overrides the slots per sender ring, 2*bound + 2 by
+    default. Fewer slots save memory, but posts may then wait for credits
+    (counted in ``stats()["blocked_posts"]``); correctness does not change.
+    """
+
+    def __init__(self, mpi_comm=None, *, bound: int = 4, slot_bytes: int = 1 << 20,
+                 provider: Optional[str] = None, timeout: float = 60.0,
+                 ring_slots: Optional[int] = None):
+        self._engine = None
+        bound = _check_int("bound", bound, 0)
+        slot_bytes = _check_int("slot_bytes", slot_bytes, _core.SLOT_OVERHEAD + 8)
+        if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+        if ring_slots is None:
+            ring_slots = ring_slots_for(bound)
+        ring_slots = _check_int("ring_slots", ring_slots, 1)
+        if ring_slots > _core.BLS_MAX_RING_SLOTS_PY:
+            raise ValueError(f"ring_slots={ring_slots} (2*bound + 2 by default) exceeds "
+                             f"{_core.BLS_MAX_RING_SLOTS_PY}; lower bound=")
+        self._boot = MPIBootstrap(mpi_comm)
+        self.rank = self._boot.rank
+        self.size = self._boot.size
+        self.bound = bound
+        self.timeout = float(timeout)
+        self._chain: Optional[List[Request]] = None
+
+        name = self._agree_on_provider(provider)
+        info = _core.FabricInfo.query(name)
+        slot_bytes = (slot_bytes + 7) // 8 * 8
+        engine = _core.RingEngine(info, self.rank, self.size, slot_bytes, ring_slots,
+                                  2 * (bound + MAX_CHAIN) + 8)
+        engine.default_timeout = self.timeout
+        try:
+            engine.connect(self._boot.allgather(engine.local_address()))
+            engine.greet(self.timeout)
+            self._boot.barrier(engine.make_progress, self.timeout)
+        except BaseException:
+            engine.close()
+            raise
+        self._engine = engine
+        self.provider = name
+        self.slot_bytes = slot_bytes
+
+    def _agree_on_provider(self, requested: Optional[str]) -> str:
+        usable = providers()
+        hosts = self._boot.allgather(hostname())
+        same_host = len(set(hosts)) == 1
+        try:
+            mine = _provider.select(requested, usable, same_host)
+        except ValueError as exc:
+            mine = f"<error: {exc}>"
+        return _provider.check_agreement(self._boot.allgather(mine))
+
+    # ---- the collective ---------------------------------------------------
+
+    @property
+    def engine(self) -> "_core.RingEngine":
+        if self._engine is None or self._engine.closed:
+            raise ClosedError("this communicator is closed; create a new blsfab.Communicator")
+        return self._engine
+
+    @property
+    def iteration(self) -> int:
+        """Iterations issued so far (the next ialltoallv gets this number)."""
+        return self.engine.reserved
+
+    def ialltoallv(self, sendbuf, sendcounts: Sequence[int]) -> Request:
+        """Post one iteration: ``sendcounts[j]`` elements of ``sendbuf`` go to rank j,
+        in rank order. Returns once every peer has posted iteration - bound."""
+        engine = self.engine
+        req = engine.prepare(sendbuf, sendcounts)
+        if self._chain is not None:
+            self._chain.append(req)
+            return req
+        engine.post([req], self.timeout)
+        engine.wait_heard(req.iteration + 1 - self.bound, self.timeout)
+        return req
+
+    def alltoallv(self, sendbuf, sendcounts: Sequence[int]):
+        """Blocking alltoallv: the received data, concatenated in rank order."""
+        return self.ialltoallv(sendbuf, sendcounts).wait()
+
+    def progress(self) -> int:
+        """Poll completions once; returns how many were handled."""
+        return self.engine.make_progress()
+
+    def stats(self) -> dict:
+        s = self.engine.counters_dict()
+        s.update(rank=self.rank, size=self.size, bound=self.bound, provider=self.provider,
+                 iteration=self.iteration)
+        return s
+
+    # ---- lifetime -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for our writes to complete and for every rank to arrive, then
+        release the fabric. Idempotent."""
+        engine, self._engine = self._engine, None
+        if engine is None or engine.closed:
+            return
+        try:
+            engine.drain(self.timeout)
+            self._boot.barrier(engine.make_progress, self.timeout)
+        finally:
+            engine.close()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self._engine is not None:
+            # Unwinding from an error: peers may be gone, so skip the barrier.
+            engine, self._engine = self._engine, None
+            engine.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._engine is None else f"iteration={self.iteration}"
+        return (f"<blsfab.Communicator rank={self.rank}/{self.size} bound={self.bound} "
+                f"provider={getattr(self, 'provider', '?')!r} {state}>")
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}")
+    return value

@@ -1,0 +1,35 @@
+"""Typed exceptions. Every error names the bad value and, where there is one, the fix."""
+
+import builtins
+
+
+class BlsError(Exception):
+    """Base class of every error blsfab raises on purpose."""
+
+
+class FabricError(BlsError, RuntimeError):
+    """A libfabric call returned an error, or an operation completed in error.
+
+    ``provider`` is the provider in use, ``errno`` the positive libfabric error
+    number and ``strerror`` its ``fi_strerror`` text.
+    """
+
+    def __init__(self, message, provider="", errno=0, strerror=""):
+        super().__init__(message)
+        self.provider = provider
+        self.errno = errno
+        self.strerror = strerror
+
+
+class TimeoutError(BlsError, builtins.TimeoutError):
+    """A wait ran past its timeout. ``iteration`` is what it waited for and
+    ``ranks`` the ranks it had not yet heard from."""
+
+    def __init__(self, message, iteration=-1, ranks=()):
+        super().__init__(message)
+        self.iteration = iteration
+        self.ranks = list(ranks)
+
+
+class ClosedError(BlsError, RuntimeError):
+    """The communicator (or the request's communicator) has been closed."""
