@@ -121,11 +121,9 @@ class DLRM(nn.Module):
             except RuntimeError as exc:
                 raise ValueError(f"cannot load {prefix}: {exc}") from None
         f = arch.num_tables + 1
-        pairs = [(i, j) for i in range(f) for j in range(i)]
-        self.register_buffer("_li", torch.tensor([i for i, _ in pairs], dtype=torch.long),
-                             persistent=False)
-        self.register_buffer("_lj", torch.tensor([j for _, j in pairs], dtype=torch.long),
-                             persistent=False)
+        # (i, j) for i in range(f) for j in range(i), as flat positions i * f + j of Z
+        flat = [i * f + j for i in range(f) for j in range(i)]
+        self.register_buffer("_tril", torch.tensor(flat, dtype=torch.long), persistent=False)
         self.eval()
         self.requires_grad_(False)
 
@@ -168,7 +166,7 @@ class DLRM(nn.Module):
         """cat([x, strictly-lower triangle of (T T^T)]) with T = [x, emb_0, ..., emb_{F-1}]."""
         t = torch.cat([x.unsqueeze(1), ly], dim=1)
         z = torch.bmm(t, t.transpose(1, 2))
-        return torch.cat([x, z[:, self._li, self._lj]], dim=1)
+        return torch.cat([x, z.flatten(1).index_select(1, self._tril)], dim=1)
 
     def bottom_rows(self, dense: torch.Tensor, lo: int) -> torch.Tensor:
         """Bottom MLP for global rows ``[lo, lo + len(dense))``, row-stably chunked."""

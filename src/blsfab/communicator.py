@@ -90,10 +90,15 @@ class Communicator:
         hosts = self._boot.allgather(hostname())
         same_host = len(set(hosts)) == 1
         try:
-            mine = _provider.select(requested, usable, same_host)
+            mine, problem = _provider.select(requested, usable, same_host), None
         except ValueError as exc:
-            mine = f"<error: {exc}>"
-        return _provider.check_agreement(self._boot.allgather(mine))
+            mine, problem = None, str(exc)
+        # Gather before raising, so every rank raises rather than some hanging.
+        choices = self._boot.allgather((mine, problem))
+        problems = [f"rank {r}: {p}" for r, (_, p) in enumerate(choices) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return _provider.check_agreement([c for c, _ in choices])
 
     # ---- the collective ---------------------------------------------------
 

@@ -296,14 +296,19 @@ cdef class RingEngine:
         if n < 0:
             return self.fail(RC_FABRIC, <int>n, "fi_cq_read", -1, 0, 0)
         for k in range(n):
-            if entries[k].op_context != NULL:
+            # Classify by flags first: shm may leave a non-NULL op_context on a
+            # remote write's entry, and sockets flags the initiator's entry
+            # with FI_REMOTE_CQ_DATA; only the target's carries FI_REMOTE_WRITE.
+            if entries[k].flags & FI_REMOTE_WRITE:
+                if entries[k].flags & FI_REMOTE_CQ_DATA:
+                    rc = self.on_notification(entries[k].data)
+                    if rc < 0:
+                        return rc
+                continue
+            tx = <TxContext*>entries[k].op_context
+            if self.tx_ctx <= tx < self.tx_ctx + self.size * self.ring_slots:
                 # Our own writedata finished: its staging slot may be reused.
-                tx = <TxContext*>entries[k].op_context
                 self.peers[tx.peer].tx_busy[tx.position] = 0
-            elif entries[k].flags & FI_REMOTE_CQ_DATA:
-                rc = self.on_notification(entries[k].data)
-                if rc < 0:
-                    return rc
         if self.credits_due:
             rc = self.return_credits()
             if rc < 0:
@@ -817,3 +822,13 @@ cdef class RingEngine:
         Nothing is sent: pass the Request to post()."""
         self._check_open()
         return Request._create(self, sendbuf, sendcounts)
+
+
+def imm_encode(uint32_t kind, uint32_t rank, uint64_t count):
+    """The 32-bit remote CQ data for a notification (see include/blsfab/wire.h)."""
+    return bls_imm_encode(kind, rank, count)
+
+
+def imm_decode(uint32_t imm, uint64_t floor):
+    """(kind, rank, count) of ``imm``, rebuilding the count from ``floor``."""
+    return (bls_imm_kind(imm), bls_imm_rank(imm), floor + bls_imm_count_delta(imm, floor))

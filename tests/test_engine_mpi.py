@@ -1,0 +1,38 @@
+"""The BLS engine under real mpirun jobs, on shm and tcp;ofi_rxm."""
+
+import pytest
+
+from conftest import run_mpi
+
+PROVIDERS = ["shm", "tcp"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_matches_mpi_alltoallv(provider, nprocs):
+    out = run_mpi(nprocs, "check_alltoallv.py", provider, "0,1,4")
+    assert "OK" in out
+
+
+@pytest.mark.parametrize("provider,bound,iters", [("shm", 4, 1000), ("shm", 1, 1000),
+                                                  ("tcp", 4, 1000), ("shm", 0, 300)])
+def test_bounded_lag_with_a_sleeping_rank(provider, bound, iters):
+    out = run_mpi(4, "check_lag.py", provider, bound, iters)
+    assert f"OK lag bound={bound}" in out
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_one_slot_rings_wait_for_credits_and_stay_correct(provider):
+    # A single slot per ring forces posts to wait for credits every iteration.
+    out = run_mpi(4, "check_lag.py", provider, 4, 300, 1)
+    assert "OK lag" in out
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bad_inputs_raise_and_leave_the_communicator_usable(provider):
+    assert "OK errors" in run_mpi(2, "check_errors.py", provider)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_wait_on_a_silent_rank_times_out_naming_it(provider):
+    assert "OK timeout" in run_mpi(3, "check_timeout.py", provider)
