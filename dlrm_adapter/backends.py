@@ -13,6 +13,7 @@ to receive (MPI needs it; blsfab learns it from the messages and we check it).
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -88,10 +89,11 @@ class MPINonblocking(Backend):
     name = "mpi-bls"
     synchronous = False
 
-    def __init__(self, comm: Any) -> None:
+    def __init__(self, comm: Any, poll_s: float = 0.0) -> None:
         from mpi4py import MPI
         self._float = MPI.FLOAT
         self.comm = comm.Dup()
+        self.poll_s = poll_s
 
     def start(self, send: torch.Tensor, sendcounts: Sequence[int],
               recvcounts: Sequence[int]) -> Tuple[Any, torch.Tensor, torch.Tensor]:
@@ -106,7 +108,11 @@ class MPINonblocking(Backend):
 
     def finish(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         req, recv, _ = handle
-        req.Wait()
+        if self.poll_s > 0:
+            while not req.Test():
+                time.sleep(self.poll_s)
+        else:
+            req.Wait()
         return recv
 
     def close(self) -> None:
@@ -144,10 +150,12 @@ class BLS(Backend):
     synchronous = False
 
     def __init__(self, comm: Any, bound: int, slot_bytes: int, provider: Optional[str],
-                 timeout: float) -> None:
+                 timeout: float, poll_s: float = 0.0) -> None:
         blsfab = import_blsfab()
         self.comm = blsfab.Communicator(comm, bound=bound, slot_bytes=slot_bytes,
                                         provider=provider, timeout=timeout)
+        self.timeout = timeout
+        self.poll_s = poll_s
         self._closed = False
 
     def start(self, send: torch.Tensor, sendcounts: Sequence[int],
@@ -160,6 +168,14 @@ class BLS(Backend):
 
     def finish(self, handle: Tuple[Any, List[int]]) -> torch.Tensor:
         req, expected = handle
+        if self.poll_s > 0:
+            deadline = time.monotonic() + self.timeout
+            while not req.test():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank {self.comm.rank}: blsfab exchange incomplete "
+                                       f"after {self.timeout:g} s (raise --timeout if peers "
+                                       f"are merely slow)")
+                time.sleep(self.poll_s)
         data = req.wait()
         got = [int(c) for c in req.recvcounts]
         if got != expected:
@@ -184,11 +200,12 @@ class BLS(Backend):
 
 
 def make_backend(name: str, comm: Any, bound: int, slot_bytes: int,
-                 provider: Optional[str], timeout: float) -> Backend:
+                 provider: Optional[str], timeout: float, poll_s: float = 0.0) -> Backend:
+    """``poll_s`` > 0 makes the nonblocking backends wait by test-and-sleep."""
     if name == "mpi":
         return MPIBlocking(comm)
     if name == "mpi-bls":
-        return MPINonblocking(comm)
+        return MPINonblocking(comm, poll_s)
     if name == "bls":
-        return BLS(comm, bound, slot_bytes, provider, timeout)
+        return BLS(comm, bound, slot_bytes, provider, timeout, poll_s)
     raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {name!r}")

@@ -27,7 +27,8 @@ from .sharding import PLACEMENTS, ExchangeLayout, place_tables
 DEFAULTS: Dict[str, Any] = {
     "dataset": "criteo-kaggle", "batch_size": 512, "warmup": 5,
     "seed": 0, "backend": "mpi", "bound": "4", "placement": "contiguous", "pooling": "1",
-    "slow_ms": 0.0, "timeout": 60.0, "threads": 1, "chunk": 64,
+    "slow_ms": 0.0, "timeout": 60.0, "threads": 1, "chunk": 64, "prefetch_mb": 1024.0,
+    "poll_us": 0.0,
 }
 # --demo: a ~1 minute comparison under random delays (explicit flags still win).
 DEMO_DEFAULTS: Dict[str, Any] = {
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed lookups per bag for each table, drawn once per table from A:B")
     g.add_argument("--chunk", type=int, metavar="M",
                    help="rows per MLP micro-chunk, the unit of row-stable compute (64)")
+    g.add_argument("--prefetch-mb", type=float, metavar="MB",
+                   help="make each rank's inputs before timing when they fit in MB (1024; "
+                        "0: make them inside every step)")
     d = p.add_argument_group("distribution and exchange")
     d.add_argument("--backend", metavar="NAME[,NAME]", help=f"{', '.join(BACKENDS)} (mpi)")
     d.add_argument("--bound", metavar="K[,K]", help="exchanges allowed in flight beyond the "
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--provider", help="libfabric provider for bls (library default)")
     d.add_argument("--timeout", type=float, help="bls wait timeout in seconds (60)")
     d.add_argument("--threads", type=int, help="torch threads per rank (1)")
+    d.add_argument("--poll-us", type=float, metavar="US",
+                   help="mpi-bls/bls: wait by testing every US microseconds and sleeping in "
+                        "between, instead of the library's blocking wait (0: blocking wait)")
     s = p.add_argument_group("stragglers")
     s.add_argument("--delay-ms", metavar="A:B", help="every rank sleeps U[A,B] ms per batch")
     s.add_argument("--slow-rank", type=int, metavar="R", help="rank that is persistently slow")
@@ -132,6 +139,8 @@ def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]
     _positive("--chunk", args.chunk)
     _positive("--rows-cap", args.rows_cap)
     _positive("--slow-ms", args.slow_ms, 0)
+    _positive("--prefetch-mb", args.prefetch_mb, 0)
+    _positive("--poll-us", args.poll_us, 0)
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.slow_rank is not None and not 0 <= args.slow_rank < world:
@@ -249,12 +258,14 @@ def run_all(args: argparse.Namespace, comm: Any, phase: Dict[str, bool]) -> int:
         f"{[len(t) for t in tables]}")
 
     runner = Runner(comm, model, layout, source, args.seed, progress=not args.no_progress)
+    longest = max(spec.num_batches for spec in runs)
+    args.prefetched = runner.prefetch(longest, int(args.prefetch_mb * 2**20))
     phase["running"] = True
     summaries: List[Dict[str, Any]] = []
     json_runs: List[Dict[str, Any]] = []
     for i, spec in enumerate(runs):
         backend = make_backend(spec.backend, comm, spec.bound, slot_bytes, args.provider,
-                               args.timeout)
+                               args.timeout, args.poll_us / 1e6)
         try:
             res: RankResult = runner.run(spec, backend)
         finally:
