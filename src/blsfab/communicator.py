@@ -6,8 +6,10 @@ rings are, timeouts, and bootstrap. The transport is blsfab._core.RingEngine.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import List, Optional, Sequence
+import os
+from typing import Iterator, List, Optional, Sequence
 
 from . import _core
 from . import provider as _provider
@@ -42,6 +44,10 @@ class Communicator:
     gives up after ``timeout`` seconds with blsfab.TimeoutError naming the ranks
     it is still waiting for.
 
+    Without MPI, pass a torch c10d ``store`` (TCPStore or FileStore) with
+    ``rank`` and ``size``; any object with ``rank``, ``size``, ``allgather``
+    and ``barrier`` can also be given as ``bootstrap``.
+
     ``ring_slots`` (advanced) overrides the slots per sender ring, 2*bound + 2 by
     default. Fewer slots save memory, but posts may then wait for credits
     (counted in ``stats()["blocked_posts"]``); correctness does not change.
@@ -49,7 +55,9 @@ class Communicator:
 
     def __init__(self, mpi_comm=None, *, bound: int = 4, slot_bytes: int = 1 << 20,
                  provider: Optional[str] = None, timeout: float = 60.0,
-                 ring_slots: Optional[int] = None):
+                 chain_threshold: Optional[int] = None, progress: str = "poll",
+                 ring_slots: Optional[int] = None, store=None, rank: Optional[int] = None,
+                 size: Optional[int] = None, bootstrap=None):
         self._engine = None
         bound = _check_int("bound", bound, 0)
         slot_bytes = _check_int("slot_bytes", slot_bytes, _core.SLOT_OVERHEAD + 8)
@@ -61,12 +69,16 @@ class Communicator:
         if ring_slots > _core.BLS_MAX_RING_SLOTS_PY:
             raise ValueError(f"ring_slots={ring_slots} (2*bound + 2 by default) exceeds "
                              f"{_core.BLS_MAX_RING_SLOTS_PY}; lower bound=")
-        self._boot = MPIBootstrap(mpi_comm)
+        self._boot = _make_bootstrap(mpi_comm, store, rank, size, bootstrap)
         self.rank = self._boot.rank
         self.size = self._boot.size
         self.bound = bound
         self.timeout = float(timeout)
         self._chain: Optional[List[Request]] = None
+        if progress not in ("poll",):
+            raise ValueError(f"progress={progress!r}: use 'poll' (progress inside calls)")
+        self.progress_mode = progress
+        self.chain_threshold = chain_threshold
 
         name = self._agree_on_provider(provider)
         info = _core.FabricInfo.query(name)
@@ -74,6 +86,11 @@ class Communicator:
         engine = _core.RingEngine(info, self.rank, self.size, slot_bytes, ring_slots,
                                   2 * (bound + MAX_CHAIN) + 8)
         engine.default_timeout = self.timeout
+        if chain_threshold is not None:
+            engine.set_inject_limit(_check_int("chain_threshold", chain_threshold, 0)
+                                    + _core.SLOT_OVERHEAD)
+        if os.environ.get("BLSFAB_MALLOC_TUNING", "1") != "0":
+            _core.tune_malloc(max(256 << 20, 4 * self.size * slot_bytes))
         try:
             engine.connect(self._boot.allgather(engine.local_address()))
             engine.greet(self.timeout)
@@ -115,15 +132,47 @@ class Communicator:
 
     def ialltoallv(self, sendbuf, sendcounts: Sequence[int]) -> Request:
         """Post one iteration: ``sendcounts[j]`` elements of ``sendbuf`` go to rank j,
-        in rank order. Returns once every peer has posted iteration - bound."""
-        engine = self.engine
-        req = engine.prepare(sendbuf, sendcounts)
-        if self._chain is not None:
-            self._chain.append(req)
-            return req
-        engine.post([req], self.timeout)
-        engine.wait_heard(req.iteration + 1 - self.bound, self.timeout)
+        in rank order. Returns once every peer has posted iteration - bound.
+        ``sendbuf`` may be reused as soon as this returns (outside a chain)."""
+        if self._chain is None:
+            return self._engine.ialltoallv(sendbuf, sendcounts, self.bound, self.timeout)
+        req = self._engine.prepare(sendbuf, sendcounts)
+        self._chain.append(req)
+        if len(self._chain) == MAX_CHAIN:
+            self._flush_chain()
         return req
+
+    def _post(self, requests: List[Request]) -> None:
+        self._engine.post(requests, self.timeout)
+        self._engine.wait_heard(requests[-1].iteration + 1 - self.bound, self.timeout)
+
+    def _flush_chain(self) -> None:
+        pending, self._chain = self._chain, []
+        if pending:
+            self._post(pending)
+
+    @contextlib.contextmanager
+    def chain(self) -> Iterator["Communicator"]:
+        """Post the alltoallvs issued inside the block together, when it ends:
+        their messages to each peer travel packed in one write (split over
+        several slots only when they exceed ``slot_bytes``). Each Request still
+        completes and returns its own data. Send buffers must stay unchanged
+        until the block ends. If the block raises, the calls issued before the
+        exception are still posted, so every Request stays valid.
+        Nested chains join the outer one."""
+        self.engine  # raise now if closed
+        if self._chain is not None:
+            yield self
+            return
+        self._chain = []
+        try:
+            yield self
+        finally:
+            try:
+                if self._engine is not None:
+                    self._flush_chain()
+            finally:
+                self._chain = None
 
     def alltoallv(self, sendbuf, sendcounts: Sequence[int]):
         """Blocking alltoallv: the received data, concatenated in rank order."""
@@ -142,13 +191,12 @@ class Communicator:
     # ---- lifetime -----------------------------------------------------------
 
     def close(self) -> None:
-        """Wait for our writes to complete and for every rank to arrive, then
-        release the fabric. Idempotent."""
-        engine, self._engine = self._engine, None
+        """Wait, progressing, until every rank arrives here, then release the
+        fabric. Idempotent."""
+        engine = self._engine
         if engine is None or engine.closed:
             return
         try:
-            engine.drain(self.timeout)
             self._boot.barrier(engine.make_progress, self.timeout)
         finally:
             engine.close()
@@ -161,13 +209,26 @@ class Communicator:
             self.close()
         elif self._engine is not None:
             # Unwinding from an error: peers may be gone, so skip the barrier.
-            engine, self._engine = self._engine, None
-            engine.close()
+            self._engine.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._engine is None else f"iteration={self.iteration}"
+        closed = self._engine is None or self._engine.closed
+        state = "closed" if closed else f"iteration={self._engine.reserved}"
         return (f"<blsfab.Communicator rank={self.rank}/{self.size} bound={self.bound} "
                 f"provider={getattr(self, 'provider', '?')!r} {state}>")
+
+
+def _make_bootstrap(mpi_comm, store, rank, size, bootstrap):
+    if bootstrap is not None:
+        return bootstrap
+    if store is not None:
+        if rank is None or size is None:
+            raise ValueError("a store bootstrap needs rank= and size= as well")
+        from .store_bootstrap import StoreBootstrap
+        return StoreBootstrap(store, rank, size)
+    if rank is not None or size is not None:
+        raise ValueError("rank= and size= go with store=; under MPI they come from mpi_comm")
+    return MPIBootstrap(mpi_comm)
 
 
 def _check_int(name: str, value, minimum: int) -> int:

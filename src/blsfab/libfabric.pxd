@@ -16,6 +16,7 @@ cdef extern from "<rdma/fabric.h>" nogil:
     uint64_t FI_SEND, FI_RECV, FI_TRANSMIT
     uint64_t FI_REMOTE_CQ_DATA, FI_MORE, FI_COMPLETION, FI_INJECT
     uint64_t FI_CONTEXT, FI_RX_CQ_DATA, FI_LOCAL_COMM, FI_REMOTE_COMM
+    uint64_t FI_SELECTIVE_COMPLETION
     int FI_MR_LOCAL, FI_MR_VIRT_ADDR, FI_MR_ALLOCATED, FI_MR_PROV_KEY
     int FI_MR_ENDPOINT, FI_MR_RAW
 
@@ -165,7 +166,27 @@ cdef extern from "<rdma/fi_cm.h>" nogil:
     int fi_getname(fid* fid, void* addr, size_t* addrlen)
 
 
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+
+
 cdef extern from "<rdma/fi_rma.h>" nogil:
+    struct fi_rma_iov:
+        uint64_t addr
+        size_t len
+        uint64_t key
+    struct fi_msg_rma:
+        const iovec* msg_iov
+        void** desc
+        size_t iov_count
+        fi_addr_t addr
+        const fi_rma_iov* rma_iov
+        size_t rma_iov_count
+        void* context
+        uint64_t data
+    ssize_t fi_writemsg(fid_ep* ep, const fi_msg_rma* msg, uint64_t flags)
     ssize_t fi_writedata(fid_ep* ep, const void* buf, size_t len, void* desc, uint64_t data,
                          fi_addr_t dest_addr, uint64_t addr, uint64_t key, void* context)
     ssize_t fi_inject_writedata(fid_ep* ep, const void* buf, size_t len, uint64_t data,

@@ -75,6 +75,7 @@ cdef class Endpoint:
     cdef readonly Domain domain
     cdef readonly CompletionQueue cq
     cdef readonly AddressVector av
+    cdef readonly bint selective_completion
 
     def __cinit__(self, Domain domain not None, CompletionQueue cq not None,
                   AddressVector av not None):
@@ -82,7 +83,12 @@ cdef class Endpoint:
         self.domain, self.cq, self.av = domain, cq, av
         prov = domain.provider
         check(fi_endpoint(domain.domain, domain.fabric.info.info, &self.ep, NULL), "fi_endpoint", prov)
-        check(fi_ep_bind(self.ep, &cq.cq.fid, FI_TRANSMIT | FI_RECV), "fi_ep_bind(cq)", prov)
+        # Selective completion lets writes skip the local completion entirely;
+        # a provider that refuses it gets every write signalled (and reaped).
+        self.selective_completion = fi_ep_bind(
+            self.ep, &cq.cq.fid, FI_TRANSMIT | FI_RECV | FI_SELECTIVE_COMPLETION) == 0
+        if not self.selective_completion:
+            check(fi_ep_bind(self.ep, &cq.cq.fid, FI_TRANSMIT | FI_RECV), "fi_ep_bind(cq)", prov)
         check(fi_ep_bind(self.ep, &av.av.fid, 0), "fi_ep_bind(av)", prov)
         check(fi_enable(self.ep), "fi_enable", prov)
 

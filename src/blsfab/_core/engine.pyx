@@ -21,6 +21,10 @@
 # All hot loops below run without the GIL and report failure through return
 # codes; the Python-facing methods turn those into exceptions.
 
+# Empty polls between yields (a power of two).
+cdef enum:
+    SPIN_POLLS = 32
+
 cdef enum:
     RC_OK = 0
     RC_TIMEOUT = -1
@@ -46,8 +50,9 @@ cdef struct Peer:
     uint64_t key
     uint64_t tx_seq         # slots written to the peer
     uint64_t tx_credit      # slots of ours the peer has consumed, as last told
-    char* tx_stage          # staging slots, one per ring position
-    uint8_t* tx_busy        # staging slot still owned by an unreaped writedata
+    char* tx_stage          # staging slots, one per ring position; slot q's is
+                            # reusable once the peer's credit passes q (it has
+                            # the data, so the write no longer reads it)
     char* rx_ring           # the peer's ring in our region
     uint64_t rx_consumed    # slots copied out of that ring
     uint64_t rx_reported    # rx_consumed as last told to the peer
@@ -57,9 +62,7 @@ cdef struct Peer:
     bint greeted
 
 cdef struct TxContext:
-    fi_context ctx          # must come first: libfabric's FI_CONTEXT storage
-    int peer
-    int position
+    fi_context ctx          # libfabric's FI_CONTEXT storage for one write in flight
 
 cdef struct IterState:
     int64_t iteration
@@ -128,6 +131,8 @@ cdef class RingEngine:
     cdef readonly int ring_slots
     cdef readonly str provider
     cdef readonly size_t inject_size
+    cdef readonly size_t inject_limit  # largest slot sent with fi_inject_writedata
+    cdef readonly bint selective       # writes need not generate local completions
     cdef readonly int64_t reserved     # iterations handed out to requests
     cdef readonly int64_t posted       # iterations posted
     cdef bint virt_addr
@@ -140,6 +145,7 @@ cdef class RingEngine:
     cdef int64_t window_mask
     cdef bint credits_due
     cdef Counters counters
+    cdef uint32_t idle_polls
     cdef uint64_t scratch_word
     # last failure, filled without the GIL
     cdef int err_ret
@@ -183,6 +189,7 @@ cdef class RingEngine:
         self.slot_bytes = slot_bytes
         self.ring_slots = ring_slots
         self.inject_size = info.inject_size
+        self.inject_limit = info.inject_size
         self.virt_addr = bool(info.mr_mode & FI_MR_VIRT_ADDR)
         wsize = 1
         while wsize < window:
@@ -200,6 +207,7 @@ cdef class RingEngine:
         self.av_obj = AddressVector(self.domain_obj, size)
         self.ep_obj = Endpoint(self.domain_obj, self.cq_obj, self.av_obj)
         self.ep, self.cq = self.ep_obj.ep, self.cq_obj.cq
+        self.selective = self.ep_obj.selective_completion
 
         cdef size_t ring_bytes = <size_t>ring_slots * slot_bytes
         # Receive rings for every peer, then one scratch word for bare credits.
@@ -218,12 +226,8 @@ cdef class RingEngine:
             p.rx_ring = self.rx_region.base + i * ring_bytes
             p.tx_stage = self.tx_region.base + i * ring_bytes
             p.rx_landed = <uint64_t*>calloc(ring_slots, sizeof(uint64_t))
-            p.tx_busy = <uint8_t*>calloc(ring_slots, 1)
-            if p.rx_landed == NULL or p.tx_busy == NULL:
+            if p.rx_landed == NULL:
                 raise MemoryError("engine bookkeeping")
-            for i in range(ring_slots):
-                self.tx_ctx[r * ring_slots + i].peer = r
-                self.tx_ctx[r * ring_slots + i].position = i
         self.closed = False
 
     # ---- set-up -----------------------------------------------------------
@@ -290,25 +294,20 @@ cdef class RingEngine:
         cdef ssize_t n = fi_cq_read(self.cq, entries, 16)
         cdef ssize_t k
         cdef int rc
-        cdef TxContext* tx
         if n == -FI_EAGAIN:
             return 0
         if n < 0:
             return self.fail(RC_FABRIC, <int>n, "fi_cq_read", -1, 0, 0)
         for k in range(n):
-            # Classify by flags first: shm may leave a non-NULL op_context on a
-            # remote write's entry, and sockets flags the initiator's entry
-            # with FI_REMOTE_CQ_DATA; only the target's carries FI_REMOTE_WRITE.
-            if entries[k].flags & FI_REMOTE_WRITE:
-                if entries[k].flags & FI_REMOTE_CQ_DATA:
-                    rc = self.on_notification(entries[k].data)
-                    if rc < 0:
-                        return rc
-                continue
-            tx = <TxContext*>entries[k].op_context
-            if self.tx_ctx <= tx < self.tx_ctx + self.size * self.ring_slots:
-                # Our own writedata finished: its staging slot may be reused.
-                self.peers[tx.peer].tx_busy[tx.position] = 0
+            # Classify by flags: shm may leave a non-NULL op_context on a remote
+            # write's entry, and sockets flags the initiator's entry with
+            # FI_REMOTE_CQ_DATA; only the target's carries FI_REMOTE_WRITE.
+            # Our own writes' entries (providers without selective completion)
+            # need nothing: credits, not completions, recycle staging slots.
+            if entries[k].flags & FI_REMOTE_WRITE and entries[k].flags & FI_REMOTE_CQ_DATA:
+                rc = self.on_notification(entries[k].data)
+                if rc < 0:
+                    return rc
         if self.credits_due:
             rc = self.return_credits()
             if rc < 0:
@@ -477,53 +476,75 @@ cdef class RingEngine:
         return RC_OK
 
     cdef int idle(self, double deadline, int rank) noexcept nogil:
-        """Called when a poll found nothing: give the core away, watch the clock."""
+        """Called when a poll found nothing. Spin briefly (a reply is often
+        microseconds away), then give the core away, so oversubscribed ranks
+        do not starve each other; read the clock only now and then, as it may
+        be a system call in a VM."""
+        self.idle_polls += 1
+        if self.idle_polls & (SPIN_POLLS - 1):
+            return RC_OK
         if monotonic() > deadline:
             return self.fail(RC_TIMEOUT, 0, NULL, rank, 0, 0)
         sched_yield()
         return RC_OK
 
     cdef int acquire_slot(self, int dst, double deadline) noexcept nogil:
-        """Wait, progressing, until slot ``tx_seq`` towards ``dst`` is free."""
+        """Wait, progressing, until slot ``tx_seq`` towards ``dst`` is free:
+        the peer has consumed what was last written there."""
         cdef Peer* p = &self.peers[dst]
         cdef uint64_t seq = p.tx_seq
-        cdef size_t pos = seq % self.ring_slots
         cdef int n
-        if seq < p.tx_credit + self.ring_slots and not p.tx_busy[pos]:
+        if seq < p.tx_credit + self.ring_slots:
             return RC_OK
         self.counters.blocked_posts += 1
-        if seq >= p.tx_credit + self.ring_slots:
-            n = self.notify(dst, bls_imm_encode(BLS_KIND_CREDIT, self.rank,
-                                                seq - self.ring_slots + 1) | BLS_IMM_WANT, deadline)
-            if n < 0:
-                return n
-            self.counters.credit_requests += 1
+        n = self.notify(dst, bls_imm_encode(BLS_KIND_CREDIT, self.rank,
+                                            seq - self.ring_slots + 1) | BLS_IMM_WANT, deadline)
+        if n < 0:
+            return n
+        self.counters.credit_requests += 1
         while True:
             n = self.progress()
             if n < 0:
                 return n
-            if seq < p.tx_credit + self.ring_slots and not p.tx_busy[pos]:
+            if seq < p.tx_credit + self.ring_slots:
                 return RC_OK
             if n == 0 and self.idle(deadline, dst) < 0:
                 return RC_TIMEOUT
 
-    cdef int write_slot(self, int dst, size_t length, double deadline) noexcept nogil:
-        """Write staging slot ``tx_seq`` to ``dst`` and announce it."""
+    cdef int write_slot(self, int dst, size_t length, bint more, double deadline) noexcept nogil:
+        """Write staging slot ``tx_seq`` to ``dst``; data and notification
+        travel in one operation. Small slots are injected (no completion at
+        all); others go unsignalled where the provider allows, with FI_MORE
+        while more writes of the same post follow."""
         cdef Peer* p = &self.peers[dst]
         cdef uint64_t seq = p.tx_seq
         cdef size_t pos = seq % self.ring_slots
         cdef char* buf = p.tx_stage + pos * self.slot_bytes
-        cdef uint64_t remote = p.ring_addr + pos * self.slot_bytes
         cdef uint32_t imm = bls_imm_encode(BLS_KIND_DATA, self.rank, seq)
-        cdef bint inject = length <= self.inject_size
+        cdef bint inject = length <= self.inject_limit
+        cdef iovec iov
+        cdef fi_rma_iov rma
+        cdef fi_msg_rma msg
+        cdef uint64_t flags = FI_REMOTE_CQ_DATA
         cdef ssize_t ret
         cdef int n
+        if not inject:
+            iov.iov_base, iov.iov_len = buf, length
+            rma.addr, rma.len, rma.key = p.ring_addr + pos * self.slot_bytes, length, p.key
+            msg.msg_iov, msg.desc, msg.iov_count = &iov, &self.tx_desc, 1
+            msg.addr, msg.rma_iov, msg.rma_iov_count = p.addr, &rma, 1
+            msg.context = &self.tx_ctx[dst * self.ring_slots + pos].ctx
+            msg.data = imm
+            if more:
+                flags |= FI_MORE
+            if not self.selective:
+                flags |= FI_COMPLETION
         while True:
             if inject:
-                ret = fi_inject_writedata(self.ep, buf, length, imm, p.addr, remote, p.key)
+                ret = fi_inject_writedata(self.ep, buf, length, imm, p.addr,
+                                          p.ring_addr + pos * self.slot_bytes, p.key)
             else:
-                ret = fi_writedata(self.ep, buf, length, self.tx_desc, imm, p.addr, remote,
-                                   p.key, &self.tx_ctx[dst * self.ring_slots + pos].ctx)
+                ret = fi_writemsg(self.ep, &msg, flags)
             if ret == 0:
                 break
             if ret != -FI_EAGAIN:
@@ -537,8 +558,6 @@ cdef class RingEngine:
                 return RC_TIMEOUT
         if inject:
             self.counters.injects += 1
-        else:
-            p.tx_busy[pos] = 1
         self.counters.puts += 1
         p.tx_seq = seq + 1
         return RC_OK
@@ -587,7 +606,7 @@ cdef class RingEngine:
                     k += 1
                 hdr.credit = p.rx_consumed  # piggy-backed credit
                 p.rx_reported = p.rx_consumed
-                rc = self.write_slot(dst, off, deadline)
+                rc = self.write_slot(dst, off, j < self.size - 1 or k < m, deadline)
                 if rc < 0:
                     return rc
         self.posted += m
@@ -632,27 +651,6 @@ cdef class RingEngine:
             if n < 0:
                 return n
             if n == 0 and self.idle(deadline, r) < 0:
-                return RC_TIMEOUT
-        return RC_OK
-
-    cdef int drain_nogil(self, double deadline) noexcept nogil:
-        """Progress until none of our writes awaits its local completion."""
-        cdef int r, i, n
-        cdef bint busy = True
-        while busy:
-            busy = False
-            for r in range(self.size):
-                if r == self.rank:
-                    continue
-                for i in range(self.ring_slots):
-                    if self.peers[r].tx_busy[i]:
-                        busy = True
-            if not busy:
-                break
-            n = self.progress()
-            if n < 0:
-                return n
-            if n == 0 and self.idle(deadline, -1) < 0:
                 return RC_TIMEOUT
         return RC_OK
 
@@ -734,6 +732,29 @@ cdef class RingEngine:
         self._check_open()
         with nogil:
             rc = self.wait_heard_nogil(need, deadline)
+        self._raise_bound(rc, need, timeout)
+        return self.note_lead()
+
+    def ialltoallv(self, object sendbuf, object sendcounts, int64_t bound, double timeout):
+        """The unchained fast path in one call: validate, post, then wait until
+        every peer has posted this iteration minus ``bound``."""
+        cdef Request req
+        cdef int rc
+        cdef double deadline
+        self._check_open()
+        req = Request._create(self, sendbuf, sendcounts)
+        deadline = monotonic() + timeout
+        with nogil:
+            rc = self.post_items(&req.item, 1, deadline)
+        req.release_send()
+        self._raise(rc, req.iteration, "posting")
+        with nogil:
+            rc = self.wait_heard_nogil(req.iteration + 1 - bound, deadline)
+        self._raise_bound(rc, req.iteration + 1 - bound, timeout)
+        self.note_lead()
+        return req
+
+    cdef int _raise_bound(self, int rc, int64_t need, double timeout) except -1:
         if rc == RC_TIMEOUT:
             late = self.ranks_behind(need)
             raise BlsTimeoutError(
@@ -741,7 +762,9 @@ cdef class RingEngine:
                 f"{late} to post iteration {need - 1} (the bound); they are stopped, crashed or "
                 "far slower; raise timeout= if they are merely slow",
                 iteration=self.posted - 1, ranks=late)
-        self._raise(rc, self.posted - 1)
+        return self._raise(rc, self.posted - 1)
+
+    cdef int64_t note_lead(self):
         cdef int64_t lead = self.posted - self.min_heard()
         if lead > self.counters.max_lead:
             self.counters.max_lead = lead
@@ -757,15 +780,10 @@ cdef class RingEngine:
         """Iterations received from each rank (this rank: iterations posted)."""
         return [self.peers[r].heard if r != self.rank else self.posted for r in range(self.size)]
 
-    def drain(self, double timeout):
-        """Wait for the local completion of every write (before close)."""
-        cdef int rc
-        cdef double deadline = monotonic() + timeout
-        if self.closed:
-            return
-        with nogil:
-            rc = self.drain_nogil(deadline)
-        self._raise(rc, -1, "draining writes")
+    def set_inject_limit(self, size_t limit):
+        """Slots up to ``limit`` bytes (capped at the provider's inject size)
+        go out with fi_inject_writedata."""
+        self.inject_limit = min(limit, self.inject_size)
 
     def counters_dict(self):
         c = self.counters
@@ -778,6 +796,7 @@ cdef class RingEngine:
             "ring_bytes": self.rx_region.nbytes if self.rx_region is not None else 0,
             "staging_bytes": self.tx_region.nbytes if self.tx_region is not None else 0,
             "ring_slots": self.ring_slots, "slot_bytes": self.slot_bytes,
+            "inject_limit": self.inject_limit, "selective_completion": self.selective,
         }
 
     def close(self):
@@ -810,7 +829,6 @@ cdef class RingEngine:
         if self.peers != NULL:
             for r in range(self.size):
                 free(self.peers[r].rx_landed)
-                free(self.peers[r].tx_busy)
             free(self.peers)
         free(self.tx_ctx)
         free(self.window)

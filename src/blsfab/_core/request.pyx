@@ -14,6 +14,7 @@ cdef class Request:
     cdef readonly int64_t iteration
     cdef bint is_torch
     cdef object dtype
+    cdef int typenum            # builtin numpy type number, or -1
     cdef size_t itemsize
     cdef object result
     cdef list _recvcounts
@@ -71,6 +72,9 @@ cdef class Request:
         self.iteration = engine.reserved
         engine.reserved += 1
         self.is_torch = view.is_torch
+        self.typenum = -1
+        if not view.is_torch and self.dtype.isbuiltin == 1:
+            self.typenum = self.dtype.num
         self.itemsize = view.itemsize
         self.sendbuf = sendbuf
         self.item.data = view.data
@@ -109,7 +113,8 @@ cdef class Request:
                     f"iteration {self.iteration}: rank {s} sent {st.nbytes[s]} bytes, not a "
                     f"multiple of this rank's item size {self.itemsize}; all ranks must send "
                     "the same dtype")
-        result = allocate_like(self.is_torch, self.dtype, st.total // self.itemsize, &out)
+        result = allocate_like(self.is_torch, self.dtype, self.typenum, st.total // self.itemsize,
+                               &out)
         with nogil:
             for s in range(st.nranks):
                 if st.nbytes[s]:

@@ -1,0 +1,312 @@
+"""blsfab against MPI_Alltoallv, side by side in the same mpirun job.
+
+    python bench/alltoallv.py              # the whole sweep: P=2,4 x (shm|vader, tcp|tcp)
+    python bench/alltoallv.py --quick      # fewer sizes and repeats
+
+The launcher runs one mpirun job per (P, provider), with Open MPI's matching
+transport (blsfab on shm against --mca btl vader,self; blsfab on tcp;ofi_rxm
+against --mca btl tcp,self). Inside a job every contender runs in turn for
+each configuration, with warm-up and repeats interleaved, and a repeat's time
+is the slowest rank's. The launcher prints medians and blsfab/MPI ratios,
+and writes bench/results/alltoallv.json and one PNG per (P, provider).
+
+Sections:
+  latency    one alltoallv per iteration, 8 B to 1 MiB per peer
+  batch      m = 1, 8, 26 small alltoallvs per step, chained and unchained
+  pipeline   n alltoallvs with at most k outstanding (k = bound), calls per second
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+SIZES = [8, 64, 512, 4096, 32768, 262144, 1 << 20]
+QUICK_SIZES = [8, 512, 4096, 65536, 1 << 20]
+BATCH_SIZES = [8, 64, 512]
+BATCH_M = [1, 8, 26]
+PIPE_SIZES = [8, 512, 4096]
+PIPE_K = [0, 1, 4, 8]
+JOBS = [("shm", "vader,self"), ("tcp", "tcp,self")]
+
+
+# --------------------------------------------------------------------------- worker
+
+def worker(args) -> None:
+    import numpy as np
+    from mpi4py import MPI
+
+    import blsfab
+
+    world = MPI.COMM_WORLD
+    rank, size = world.rank, world.size
+    repeats = args.repeats
+    comms = {}
+
+    def comm_for(bound, slot_bytes):
+        key = (bound, slot_bytes)
+        if key not in comms:
+            comms[key] = blsfab.Communicator(bound=bound, slot_bytes=slot_bytes,
+                                             provider=args.provider, timeout=120,
+                                             chain_threshold=args.chain_threshold)
+        return comms[key]
+
+    def log(msg):
+        if rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
+    def timed(fn, n):
+        """Seconds per unit for n units, the slowest rank's."""
+        world.Barrier()
+        t0 = time.perf_counter()
+        fn(n)
+        dt = time.perf_counter() - t0
+        return world.allreduce(dt, op=MPI.MAX) / n
+
+    def measure(contenders, n):
+        """Interleave contenders over the repeats; return medians (s per unit)."""
+        for fn in contenders.values():
+            fn(max(2, n // 5))  # warm-up
+        samples = {name: [] for name in contenders}
+        for _ in range(repeats):
+            for name, fn in contenders.items():
+                samples[name].append(timed(fn, n))
+        return {name: statistics.median(v) for name, v in samples.items()}, samples
+
+    def mpi_buffers(nbytes, m=1):
+        send = np.full(nbytes * size, rank, dtype=np.uint8)
+        counts = np.full(size, nbytes, dtype=np.int64)
+        displs = np.arange(size, dtype=np.int64) * nbytes
+        recv = np.empty(nbytes * size, dtype=np.uint8)
+        return [send, (counts, displs), MPI.BYTE], [recv, (counts, displs), MPI.BYTE], send
+
+    def iterations_for(nbytes):
+        return int(min(2000, max(30, 400000 // (nbytes * size + 2000))))
+
+    out = {"P": size, "provider": args.provider, "latency": [], "batch": [], "pipeline": []}
+
+    # ---- latency ---------------------------------------------------------------
+    for nbytes in (QUICK_SIZES if args.quick else SIZES):
+        sspec, rspec, send = mpi_buffers(nbytes)
+        counts = [nbytes] * size
+        bls = comm_for(0, max(4096, nbytes + 64))
+
+        def mpi_blocking(n):
+            for _ in range(n):
+                world.Alltoallv(sspec, rspec)
+
+        def mpi_nonblocking(n):
+            for _ in range(n):
+                world.Ialltoallv(sspec, rspec).Wait()
+
+        def blsfab_one(n, comm=bls):
+            for _ in range(n):
+                comm.ialltoallv(send, counts).wait()
+
+        med, samples = measure({"MPI_Alltoallv": mpi_blocking, "MPI_Ialltoallv": mpi_nonblocking,
+                                "blsfab": blsfab_one}, iterations_for(nbytes))
+        row = {"bytes": nbytes, "us": {k: v * 1e6 for k, v in med.items()},
+               "samples_us": {k: [x * 1e6 for x in v] for k, v in samples.items()}}
+        out["latency"].append(row)
+        log(f"  latency {nbytes:>8} B  " + "  ".join(f"{k} {v:8.2f} us" for k, v in row["us"].items()))
+
+    # ---- batches of small alltoallvs -----------------------------------------------
+    for nbytes in BATCH_SIZES:
+        for m in BATCH_M:
+            sspec, rspec, send = mpi_buffers(nbytes)
+            counts = [nbytes] * size
+            bls = comm_for(0, 4096)
+
+            def mpi_batch(n, m=m):
+                for _ in range(n):
+                    for _ in range(m):
+                        world.Alltoallv(sspec, rspec)
+
+            def bls_unchained(n, m=m, comm=bls):
+                for _ in range(n):
+                    reqs = [comm.ialltoallv(send, counts) for _ in range(m)]
+                    for r in reqs:
+                        r.wait()
+
+            def bls_chained(n, m=m, comm=bls):
+                for _ in range(n):
+                    with comm.chain():
+                        reqs = [comm.ialltoallv(send, counts) for _ in range(m)]
+                    for r in reqs:
+                        r.wait()
+
+            med, samples = measure({"MPI_Alltoallv x m": mpi_batch, "blsfab unchained": bls_unchained,
+                                    "blsfab chained": bls_chained}, max(20, 600 // m))
+            row = {"bytes": nbytes, "m": m, "us": {k: v * 1e6 for k, v in med.items()}}
+            out["batch"].append(row)
+            log(f"  batch {nbytes:>4} B m={m:>2}  " + "  ".join(f"{k} {v:8.2f} us" for k, v in row["us"].items()))
+
+    # ---- pipelined throughput ----------------------------------------------------------
+    for nbytes in PIPE_SIZES:
+        sspec, rspec, send = mpi_buffers(nbytes)
+        counts = [nbytes] * size
+        n = 400
+
+        def mpi_calls(n):
+            for _ in range(n):
+                world.Alltoallv(sspec, rspec)
+
+        contenders = {"MPI_Alltoallv": mpi_calls}
+        for k in PIPE_K:
+            bls = comm_for(k, 4096 + 64)
+
+            def bls_pipe(n, k=k, comm=bls):
+                fifo = []
+                for _ in range(n):
+                    fifo.append(comm.ialltoallv(send, counts))
+                    if len(fifo) > k:
+                        fifo.pop(0).wait()
+                for r in fifo:
+                    r.wait()
+
+            def mpi_pipe(n, k=k):
+                recvs = [np.empty(nbytes * size, dtype=np.uint8) for _ in range(k + 1)]
+                fifo = []
+                for i in range(n):
+                    rs = [recvs[i % (k + 1)], rspec[1], MPI.BYTE]
+                    fifo.append(world.Ialltoallv(sspec, rs))
+                    if len(fifo) > k:
+                        fifo.pop(0).Wait()
+                MPI.Request.Waitall(fifo)
+
+            contenders[f"blsfab k={k}"] = bls_pipe
+            contenders[f"MPI_Ialltoallv k={k}"] = mpi_pipe
+        med, _ = measure(contenders, n)
+        row = {"bytes": nbytes, "calls_per_s": {k: 1.0 / v for k, v in med.items()}}
+        out["pipeline"].append(row)
+        log(f"  pipeline {nbytes:>5} B  " + "  ".join(f"{k} {v / 1e3:7.1f}k/s" for k, v in row["calls_per_s"].items()))
+
+    stats = {f"bound={b},slot={s}": c.stats() for (b, s), c in comms.items()}
+    for c in comms.values():
+        c.close()
+    if rank == 0:
+        out["blsfab_stats_rank0"] = stats
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+# --------------------------------------------------------------------------- launcher
+
+def launch(args) -> int:
+    os.makedirs(RESULTS, exist_ok=True)
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               FI_TCP_IFACE=os.environ.get("FI_TCP_IFACE", "lo"))
+    env.pop("FI_PROVIDER", None)
+    jobs = []
+    t_start = time.time()
+    for provider, btl in JOBS:
+        if args.provider and provider != args.provider:
+            continue
+        for P in args.nprocs:
+            path = os.path.join(RESULTS, f"alltoallv_{provider}_P{P}.json")
+            cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl", btl,
+                   "-np", str(P), sys.executable, os.path.abspath(__file__), "--worker",
+                   "--provider", provider, "--json", path, "--repeats", str(args.repeats),
+                   "--chain-threshold", str(args.chain_threshold)] + (["--quick"] if args.quick else [])
+            print(f"[{time.time() - t_start:6.0f} s] P={P} blsfab {provider} vs Open MPI btl {btl}",
+                  flush=True)
+            subprocess.run(cmd, env=env, check=True)
+            with open(path) as f:
+                jobs.append(json.load(f))
+    summary = {"command": " ".join(["python", "bench/alltoallv.py"] + sys.argv[1:]),
+               "jobs": jobs}
+    with open(os.path.join(RESULTS, "alltoallv.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    report(jobs)
+    plot(jobs)
+    print(f"\nwrote {RESULTS}/alltoallv.json and plots in {time.time() - t_start:.0f} s")
+    return 0
+
+
+def report(jobs) -> None:
+    for job in jobs:
+        P, prov = job["P"], job["provider"]
+        print(f"\n== P={P}, blsfab on {prov} vs Open MPI ({'vader' if prov == 'shm' else 'tcp'}): "
+              "latency per alltoallv, median us ==")
+        print(f"{'bytes/peer':>10} {'MPI_Alltoallv':>14} {'MPI_Ialltoallv':>15} {'blsfab':>9} "
+              f"{'blsfab/MPI':>11}")
+        for row in job["latency"]:
+            us = row["us"]
+            print(f"{row['bytes']:>10} {us['MPI_Alltoallv']:>14.2f} {us['MPI_Ialltoallv']:>15.2f} "
+                  f"{us['blsfab']:>9.2f} {us['blsfab'] / us['MPI_Alltoallv']:>11.2f}")
+        print(f"-- batches of m small alltoallvs per step, median us per step --")
+        print(f"{'bytes':>6} {'m':>3} {'MPI x m':>9} {'unchained':>10} {'chained':>9} "
+              f"{'unch/MPI':>9} {'chained/MPI':>12}")
+        for row in job["batch"]:
+            us = row["us"]
+            mpi = us["MPI_Alltoallv x m"]
+            print(f"{row['bytes']:>6} {row['m']:>3} {mpi:>9.2f} {us['blsfab unchained']:>10.2f} "
+                  f"{us['blsfab chained']:>9.2f} {us['blsfab unchained'] / mpi:>9.2f} "
+                  f"{us['blsfab chained'] / mpi:>12.2f}")
+        print(f"-- pipelined throughput, thousand calls/s (ratio to blocking MPI_Alltoallv) --")
+        for row in job["pipeline"]:
+            c = row["calls_per_s"]
+            base = c["MPI_Alltoallv"]
+            cells = [f"MPI {base / 1e3:.1f}k"] + [
+                f"{name} {v / 1e3:.1f}k ({v / base:.2f}x)" for name, v in c.items()
+                if name != "MPI_Alltoallv"]
+            print(f"{row['bytes']:>6} B: " + ", ".join(cells))
+
+
+def plot(jobs) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plots")
+        return
+    for job in jobs:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        xs = [r["bytes"] for r in job["latency"]]
+        for name in job["latency"][0]["us"]:
+            ax.plot(xs, [r["us"][name] for r in job["latency"]], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("bytes per peer")
+        ax.set_ylabel("median time per alltoallv (us)")
+        ax.set_title(f"P={job['P']}, blsfab on {job['provider']} vs Open MPI")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, f"alltoallv_{job['provider']}_P{job['P']}.png"), dpi=110)
+        plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--provider", choices=["shm", "tcp"], default=None,
+                    help="run only this provider's jobs")
+    ap.add_argument("--nprocs", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4],
+                    help="rank counts, e.g. 2,4")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--chain-threshold", type=int, default=None,
+                    help="blsfab chain_threshold (default: the library's)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.chain_threshold is None:
+        args.chain_threshold = -1
+    if args.worker:
+        if args.chain_threshold < 0:
+            args.chain_threshold = None
+        worker(args)
+        return 0
+    return launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
