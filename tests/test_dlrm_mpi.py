@@ -59,8 +59,11 @@ def run_adapter(args: List[str], np_: Optional[int], timeout: float = 150.0,
     if np_ is not None:
         cmd = [MPIRUN or "mpirun", "--oversubscribe", "--mca", "btl", "vader,self",
                "-np", str(np_), *cmd]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=timeout)
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout:g} s\n{exc.stdout}\n{exc.stderr}")
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
@@ -219,3 +222,5 @@ def test_bad_option_values_are_named() -> None:
     assert r.returncode == 2 and "'5:2'" in r.stderr
     r = run_adapter(["--backend", "mpi,gloo"], None, check=False)
     assert r.returncode == 2 and "'gloo'" in r.stderr
+    r = run_adapter(["--bound", "0,4", "--save-predictions", "p.npy"], None, check=False)
+    assert r.returncode == 2 and "{backend}" in r.stderr

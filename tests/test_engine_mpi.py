@@ -36,3 +36,20 @@ def test_bad_inputs_raise_and_leave_the_communicator_usable(provider):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_wait_on_a_silent_rank_times_out_naming_it(provider):
     assert "OK timeout" in run_mpi(3, "check_timeout.py", provider)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_chained_matches_mpi_alltoallv(provider, nprocs):
+    # The engine's correctness check again, with iterations issued in chains.
+    assert "chained=True" in run_mpi(nprocs, "check_alltoallv.py", provider, "0,1,4", "chain")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_chain_mixed_sizes_splitting_and_exceptions(provider):
+    assert "OK chain" in run_mpi(3, "check_chain.py", provider)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bounded_lag_with_chained_pairs(provider):
+    assert "OK lag bound=4" in run_mpi(4, "check_lag.py", provider, 4, 1000, "-", "chain")

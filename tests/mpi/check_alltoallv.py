@@ -60,13 +60,15 @@ for bound in bounds:
                     {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[item]), counts))
             world.Barrier()
             reqs = []
-            for it, (buf, counts) in enumerate(inputs):
-                if chained and it % 3 == 0:
+            if chained:  # groups of 1, 2, 3, ... iterations, each group one chain
+                it, group = 0, 1
+                while it < ITERS:
                     with comm.chain():
-                        reqs.append(comm.ialltoallv(buf, counts))
-                        if it + 1 < ITERS:
-                            pass
-                else:
+                        for buf, counts in inputs[it: it + group]:
+                            reqs.append(comm.ialltoallv(buf, counts))
+                    it, group = it + group, group + 1
+            else:
+                for buf, counts in inputs:
                     reqs.append(comm.ialltoallv(buf, counts))
             # Wait newest first: a later request may be waited on before an earlier one.
             results = [None] * ITERS

@@ -1,6 +1,6 @@
 """Bounded lag under a randomly sleeping rank, with every element verified.
 
-usage: check_lag.py PROVIDER BOUND ITERS [RING_SLOTS]
+usage: check_lag.py PROVIDER BOUND ITERS [RING_SLOTS|-] [chain]
 
 The last rank sleeps 0-5 ms in a third of the iterations. Element k of the
 message from s to d in iteration i is encode(i, s, d, k), checked on receipt.
@@ -8,6 +8,7 @@ The bound is checked twice: by the engine's own lead counter, and from the
 outside, since when ialltoallv(i) returns iteration i - bound must be complete.
 """
 
+import contextlib
 import random
 import sys
 import time
@@ -18,7 +19,8 @@ import blsfab
 from common import expect, world
 
 provider, bound, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ring_slots = int(sys.argv[4]) if len(sys.argv) > 4 else None
+ring_slots = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
+chained = len(sys.argv) > 5 and sys.argv[5] == "chain"  # post iterations in pairs
 rank, size = world.rank, world.size
 slow = size - 1
 
@@ -35,21 +37,26 @@ rng = random.Random(1234 + rank)
 comm = blsfab.Communicator(bound=bound, slot_bytes=1 << 12, provider=provider, timeout=60,
                            ring_slots=ring_slots)
 pending = {}
-early_seen = 0
-for it in range(iters):
-    counts = counts_of(it, rank)
-    parts = [encode(it, rank, d, np.arange(counts[d], dtype=np.int64)) for d in range(size)]
-    buf = np.concatenate(parts)
+group = 2 if chained else 1
+for first in range(0, iters, group):
+    its = range(first, min(first + group, iters))
+    bufs = []
+    for it in its:
+        counts = counts_of(it, rank)
+        bufs.append((np.concatenate([encode(it, rank, d, np.arange(counts[d], dtype=np.int64))
+                                     for d in range(size)]), counts))
     if rank == slow and rng.random() < 1 / 3:
         time.sleep(rng.uniform(0, 0.005))
-    pending[it] = comm.ialltoallv(buf, counts)
-    if it - bound >= 0 and it - bound in pending:
-        expect(pending[it - bound].test(),
-               f"iteration {it - bound} incomplete after ialltoallv({it}) returned (bound {bound})")
-    if not pending[it].test():
-        early_seen += 1  # this rank is ahead of someone right now
+    with comm.chain() if chained else contextlib.nullcontext():
+        for it, (buf, counts) in zip(its, bufs):
+            pending[it] = comm.ialltoallv(buf, counts)
+    last = its[-1]
+    # Outside view of the bound: iteration last - bound must be complete now.
+    if last - bound in pending:
+        expect(pending[last - bound].test(),
+               f"iteration {last - bound} incomplete after ialltoallv({last}) returned (bound {bound})")
     # Consume in FIFO order, keeping at most bound + 1 outstanding.
-    while len(pending) > bound + 1 or (pending and it == iters - 1):
+    while len(pending) > bound + 1 or (pending and last == iters - 1):
         old = min(pending)
         req = pending.pop(old)
         out = req.wait()
