@@ -18,6 +18,10 @@ from .errors import ClosedError
 
 Request = _core.Request
 
+# Empty polls before a waiting rank yields its core.
+SPIN_POLLS = 4096
+SPIN_POLLS_OVERSUBSCRIBED = 32
+
 # Iterations one chain may hold before it is posted; sizes the receive window.
 MAX_CHAIN = 64
 
@@ -86,6 +90,8 @@ class Communicator:
         engine = _core.RingEngine(info, self.rank, self.size, slot_bytes, ring_slots,
                                   2 * (bound + MAX_CHAIN) + 8)
         engine.default_timeout = self.timeout
+        oversubscribed = self._ranks_on_host > (os.cpu_count() or 1)
+        engine.set_spin_polls(SPIN_POLLS_OVERSUBSCRIBED if oversubscribed else SPIN_POLLS)
         if chain_threshold is not None:
             engine.set_inject_limit(_check_int("chain_threshold", chain_threshold, 0)
                                     + _core.SLOT_OVERHEAD)
@@ -106,6 +112,7 @@ class Communicator:
         usable = providers()
         hosts = self._boot.allgather(hostname())
         same_host = len(set(hosts)) == 1
+        self._ranks_on_host = hosts.count(hosts[self.rank])
         try:
             mine, problem = _provider.select(requested, usable, same_host), None
         except ValueError as exc:

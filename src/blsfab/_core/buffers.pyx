@@ -34,8 +34,10 @@ cdef object describe_buffer(object buf, BufferView* view):
         if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
             raise ValueError("sendbuf must be contiguous; got a strided view; "
                              "pass numpy.ascontiguousarray(buf)")
-        dtype = arr.dtype
-        if dtype.hasobject or cnp.PyArray_ITEMSIZE(arr) == 0:
+        dtype = <object>cnp.PyArray_DESCR(arr)
+        typenum = cnp.PyArray_TYPE(arr)
+        if (typenum == cnp.NPY_OBJECT or cnp.PyArray_ITEMSIZE(arr) == 0
+                or typenum == cnp.NPY_VOID and dtype.hasobject):
             raise TypeError(f"unsupported sendbuf dtype {arr.dtype}: use a fixed-size "
                             "numeric dtype such as float32, float16 or int64")
         view.data = <char*>cnp.PyArray_DATA(arr)

@@ -21,9 +21,9 @@
 # All hot loops below run without the GIL and report failure through return
 # codes; the Python-facing methods turn those into exceptions.
 
-# Empty polls between yields (a power of two).
+# Posts of fewer bytes than this keep the GIL.
 cdef enum:
-    SPIN_POLLS = 32
+    NOGIL_BYTES = 65536
 
 cdef enum:
     RC_OK = 0
@@ -146,6 +146,7 @@ cdef class RingEngine:
     cdef bint credits_due
     cdef Counters counters
     cdef uint32_t idle_polls
+    cdef uint32_t spin_mask             # empty polls between yields, minus one
     cdef uint64_t scratch_word
     # last failure, filled without the GIL
     cdef int err_ret
@@ -171,6 +172,7 @@ cdef class RingEngine:
         self.window = NULL
         self.closed = True
         self.default_timeout = 60.0
+        self.spin_mask = 31
         if not (0 < size <= BLS_MAX_RANKS):
             raise ValueError(f"size={size}: blsfab supports 1 to {BLS_MAX_RANKS} ranks")
         if not (0 < ring_slots <= BLS_MAX_RING_SLOTS):
@@ -481,7 +483,7 @@ cdef class RingEngine:
         do not starve each other; read the clock only now and then, as it may
         be a system call in a VM."""
         self.idle_polls += 1
-        if self.idle_polls & (SPIN_POLLS - 1):
+        if self.idle_polls & self.spin_mask:
             return RC_OK
         if monotonic() > deadline:
             return self.fail(RC_TIMEOUT, 0, NULL, rank, 0, 0)
@@ -740,17 +742,24 @@ cdef class RingEngine:
         every peer has posted this iteration minus ``bound``."""
         cdef Request req
         cdef int rc
+        cdef int64_t need
         cdef double deadline
         self._check_open()
         req = Request._create(self, sendbuf, sendcounts)
         deadline = monotonic() + timeout
-        with nogil:
+        # Keep the GIL for short work: releasing it costs more than a small post.
+        if req.send_bytes < NOGIL_BYTES:
             rc = self.post_items(&req.item, 1, deadline)
+        else:
+            with nogil:
+                rc = self.post_items(&req.item, 1, deadline)
         req.release_send()
         self._raise(rc, req.iteration, "posting")
-        with nogil:
-            rc = self.wait_heard_nogil(req.iteration + 1 - bound, deadline)
-        self._raise_bound(rc, req.iteration + 1 - bound, timeout)
+        need = req.iteration + 1 - bound
+        if self.min_heard() < need:
+            with nogil:
+                rc = self.wait_heard_nogil(need, deadline)
+            self._raise_bound(rc, need, timeout)
         self.note_lead()
         return req
 
@@ -779,6 +788,15 @@ cdef class RingEngine:
     def heard(self):
         """Iterations received from each rank (this rank: iterations posted)."""
         return [self.peers[r].heard if r != self.rank else self.posted for r in range(self.size)]
+
+    def set_spin_polls(self, uint32_t polls):
+        """Empty polls before a wait yields the core (rounded up to a power of
+        two). Few when ranks outnumber cores, so they do not starve each
+        other; many otherwise, since a reply is often microseconds away."""
+        cdef uint32_t p = 1
+        while p < polls:
+            p <<= 1
+        self.spin_mask = p - 1
 
     def set_inject_limit(self, size_t limit):
         """Slots up to ``limit`` bytes (capped at the provider's inject size)

@@ -22,6 +22,7 @@ cdef class Request:
     cdef SendItem item
     cdef object sendbuf
     cdef int64_t* counts_displs
+    cdef int64_t send_bytes
 
     def __cinit__(self):
         self.state = NULL
@@ -73,10 +74,13 @@ cdef class Request:
         engine.reserved += 1
         self.is_torch = view.is_torch
         self.typenum = -1
-        if not view.is_torch and self.dtype.isbuiltin == 1:
-            self.typenum = self.dtype.num
+        if not view.is_torch:
+            typenum = (<cnp.dtype>self.dtype).type_num
+            if typenum < cnp.NPY_OBJECT or typenum == cnp.NPY_FLOAT16:
+                self.typenum = typenum  # a plain numeric type
         self.itemsize = view.itemsize
         self.sendbuf = sendbuf
+        self.send_bytes = total * view.itemsize
         self.item.data = view.data
         self.item.itemsize = view.itemsize
         self.item.counts = self.counts_displs
@@ -115,11 +119,10 @@ cdef class Request:
                     "the same dtype")
         result = allocate_like(self.is_torch, self.dtype, self.typenum, st.total // self.itemsize,
                                &out)
-        with nogil:
-            for s in range(st.nranks):
-                if st.nbytes[s]:
-                    memcpy(out + offset, st.data[s], st.nbytes[s])
-                    offset += st.nbytes[s]
+        for s in range(st.nranks):
+            if st.nbytes[s]:
+                memcpy(out + offset, st.data[s], st.nbytes[s])
+                offset += st.nbytes[s]
         self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
         self.result = result
         iter_state_free(st)
