@@ -105,6 +105,14 @@ def test_predictions_bitwise_equal_for_any_split() -> None:
         assert got.tobytes() == ref.tobytes(), (world, placement)
 
 
+def test_ranks_without_tables_or_samples() -> None:
+    arch = ModelArch(table_sizes=(30, 20, 10), emb_dim=4, bot_dims=(8, 4), top_dims=(10, 6, 1))
+    src = SyntheticSource(arch, batch_size=4, num_batches=2, seed=1, pooling=Pooling(1, 2))
+    ref = _simulate(1, "contiguous", arch, src, 2)
+    got = _simulate(6, "contiguous", arch, src, 2)  # 3 ranks own no table, 2 get no sample
+    assert got.tobytes() == ref.tobytes()
+
+
 def test_plain_full_batch_matmul_would_not_be_row_stable_guard() -> None:
     """The chunked path must agree with itself, and differ from nothing but rounding."""
     arch = arch_for(ALI_CCP, rows_cap=50)

@@ -53,3 +53,11 @@ def test_chain_mixed_sizes_splitting_and_exceptions(provider):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_bounded_lag_with_chained_pairs(provider):
     assert "OK lag bound=4" in run_mpi(4, "check_lag.py", provider, 4, 1000, "-", "chain")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_progress_thread_keeps_every_guarantee(provider):
+    env = {"BLSFAB_PROGRESS": "thread"}
+    assert "OK" in run_mpi(4, "check_alltoallv.py", provider, "0,4", env=env)
+    assert "OK lag" in run_mpi(4, "check_lag.py", provider, 4, 600, "-", "chain", env=env)
+    assert "OK lag" in run_mpi(4, "check_lag.py", provider, 2, 300, 1, env=env)

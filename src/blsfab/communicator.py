@@ -59,7 +59,7 @@ class Communicator:
 
     def __init__(self, mpi_comm=None, *, bound: int = 4, slot_bytes: int = 1 << 20,
                  provider: Optional[str] = None, timeout: float = 60.0,
-                 chain_threshold: Optional[int] = None, progress: str = "poll",
+                 chain_threshold: Optional[int] = None, progress: Optional[str] = None,
                  ring_slots: Optional[int] = None, store=None, rank: Optional[int] = None,
                  size: Optional[int] = None, bootstrap=None):
         self._engine = None
@@ -79,8 +79,11 @@ class Communicator:
         self.bound = bound
         self.timeout = float(timeout)
         self._chain: Optional[List[Request]] = None
-        if progress not in ("poll",):
-            raise ValueError(f"progress={progress!r}: use 'poll' (progress inside calls)")
+        if progress is None:
+            progress = os.environ.get("BLSFAB_PROGRESS", "poll")
+        if progress not in ("poll", "thread"):
+            raise ValueError(f"progress={progress!r}: use 'poll' (progress inside calls) or "
+                             "'thread' (a background thread polls between calls)")
         self.progress_mode = progress
         self.chain_threshold = chain_threshold
 
@@ -104,6 +107,8 @@ class Communicator:
         except BaseException:
             engine.close()
             raise
+        if progress == "thread":
+            engine.start_progress_thread()
         self._engine = engine
         self.provider = name
         self.slot_bytes = slot_bytes

@@ -20,6 +20,17 @@ cnp.import_array()
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t* m, void* attr)
+    int pthread_mutex_destroy(pthread_mutex_t* m)
+    int pthread_mutex_lock(pthread_mutex_t* m)
+    int pthread_mutex_unlock(pthread_mutex_t* m)
+
+cdef extern from "<time.h>" nogil:
+    int nanosleep(const timespec* req, timespec* rem)
+
 cdef extern from "blsfab/wire.h" nogil:
     ctypedef struct bls_slot_header_t:
         uint64_t seq

@@ -146,6 +146,12 @@ cdef class RingEngine:
     cdef bint credits_due
     cdef Counters counters
     cdef uint32_t idle_polls
+    # progress="thread": a thread polls between calls; every entry point then
+    # holds this mutex, and the thread takes it for one poll at a time.
+    cdef pthread_mutex_t mutex
+    cdef bint threaded
+    cdef bint thread_stop
+    cdef object thread
     cdef uint32_t spin_mask             # empty polls between yields, minus one
     cdef uint64_t scratch_word
     # last failure, filled without the GIL
@@ -172,6 +178,7 @@ cdef class RingEngine:
         self.window = NULL
         self.closed = True
         self.default_timeout = 60.0
+        pthread_mutex_init(&self.mutex, NULL)
         self.spin_mask = 31
         if not (0 < size <= BLS_MAX_RANKS):
             raise ValueError(f"size={size}: blsfab supports 1 to {BLS_MAX_RANKS} ranks")
@@ -689,14 +696,63 @@ cdef class RingEngine:
                           "integrity cannot be guaranteed, close this communicator",
                           provider=self.provider)
 
+    cdef inline void lock(self) noexcept nogil:
+        if self.threaded:
+            pthread_mutex_lock(&self.mutex)
+
+    cdef inline void unlock(self) noexcept nogil:
+        if self.threaded:
+            pthread_mutex_unlock(&self.mutex)
+
     def make_progress(self):
         """Poll the completion queue once. Returns the number of completions."""
         self._check_open()
         cdef int n
-        with nogil:
-            n = self.progress()
+        self.lock()
+        n = self.progress()
+        self.unlock()
         self._raise(n)
         return max(n, 0)
+
+    def start_progress_thread(self):
+        """Poll from a background thread (without the GIL) between calls, so
+        data lands and credits flow while the caller computes."""
+        import threading
+        self._check_open()
+        if self.threaded:
+            return
+        self.threaded = True
+        self.thread_stop = False
+        self.thread = threading.Thread(target=self._progress_loop, name="blsfab-progress",
+                                       daemon=True)
+        self.thread.start()
+
+    def _progress_loop(self):
+        cdef int n = 0
+        cdef timespec pause
+        pause.tv_sec, pause.tv_nsec = 0, 20000
+        with nogil:
+            while True:
+                pthread_mutex_lock(&self.mutex)
+                if self.thread_stop:
+                    pthread_mutex_unlock(&self.mutex)
+                    break
+                n = self.progress()
+                pthread_mutex_unlock(&self.mutex)
+                if n < 0:
+                    break  # the error is kept; the next call on the engine reports it
+                if n == 0:
+                    nanosleep(&pause, NULL)
+
+    def stop_progress_thread(self):
+        if not self.threaded:
+            return
+        pthread_mutex_lock(&self.mutex)
+        self.thread_stop = True
+        pthread_mutex_unlock(&self.mutex)
+        self.thread.join()
+        self.thread = None
+        self.threaded = False
 
     def post(self, list requests not None, double timeout):
         """Post prepared Requests as consecutive iterations, packed per peer."""
@@ -719,7 +775,9 @@ cdef class RingEngine:
                                        f"order; next iteration to post is {self.posted + k}")
                 items[k] = req.item
             with nogil:
+                self.lock()
                 rc = self.post_items(items, m, deadline)
+                self.unlock()
             self._raise(rc, requests[0].iteration, "posting")
         finally:
             free(items)
@@ -733,7 +791,9 @@ cdef class RingEngine:
         cdef double deadline = monotonic() + timeout
         self._check_open()
         with nogil:
+            self.lock()
             rc = self.wait_heard_nogil(need, deadline)
+            self.unlock()
         self._raise_bound(rc, need, timeout)
         return self.note_lead()
 
@@ -745,20 +805,28 @@ cdef class RingEngine:
         cdef int64_t need
         cdef double deadline
         self._check_open()
-        req = Request._create(self, sendbuf, sendcounts)
+        self.lock()
+        try:
+            req = Request._create(self, sendbuf, sendcounts)
+        finally:
+            self.unlock()
         deadline = monotonic() + timeout
         # Keep the GIL for short work: releasing it costs more than a small post.
-        if req.send_bytes < NOGIL_BYTES:
+        if req.send_bytes < NOGIL_BYTES and not self.threaded:
             rc = self.post_items(&req.item, 1, deadline)
         else:
             with nogil:
+                self.lock()
                 rc = self.post_items(&req.item, 1, deadline)
+                self.unlock()
         req.release_send()
         self._raise(rc, req.iteration, "posting")
         need = req.iteration + 1 - bound
         if self.min_heard() < need:
             with nogil:
+                self.lock()
                 rc = self.wait_heard_nogil(need, deadline)
+                self.unlock()
             self._raise_bound(rc, need, timeout)
         self.note_lead()
         return req
@@ -824,6 +892,7 @@ cdef class RingEngine:
         cdef IterState* st
         if self.closed:
             return
+        self.stop_progress_thread()
         self.closed = True
         if self.window != NULL:
             for i in range(self.window_mask + 1):
@@ -850,6 +919,7 @@ cdef class RingEngine:
             free(self.peers)
         free(self.tx_ctx)
         free(self.window)
+        pthread_mutex_destroy(&self.mutex)
 
     # ---- requests -----------------------------------------------------------
 
@@ -857,7 +927,11 @@ cdef class RingEngine:
         """Validate one iteration's arguments and reserve its iteration number.
         Nothing is sent: pass the Request to post()."""
         self._check_open()
-        return Request._create(self, sendbuf, sendcounts)
+        self.lock()
+        try:
+            return Request._create(self, sendbuf, sendcounts)
+        finally:
+            self.unlock()
 
 
 def imm_encode(uint32_t kind, uint32_t rank, uint64_t count):

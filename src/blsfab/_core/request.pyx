@@ -99,10 +99,14 @@ cdef class Request:
     def __dealloc__(self):
         free(self.counts_displs)
         if self.state != NULL:
+            if self.engine is not None:
+                self.engine.lock()
             if self.state.detached:
                 iter_state_free(self.state)
             else:
                 self.state.orphaned = True  # the engine frees it on completion
+            if self.engine is not None:
+                self.engine.unlock()
             self.state = NULL
 
     cdef int finish(self) except -1:
@@ -147,9 +151,9 @@ cdef class Request:
         if self.result is not None:
             return True
         self.check_usable()
-        if not self.state.detached:
+        if not self.is_detached():
             self.engine.make_progress()
-            if not self.state.detached:
+            if not self.is_detached():
                 return False
         self.check_usable()
         self.finish()
@@ -164,11 +168,13 @@ cdef class Request:
         if self.result is not None:
             return self.result
         self.check_usable()
-        if not self.state.detached:
+        if not self.is_detached():
             self.engine._check_open()
             deadline = monotonic() + (self.engine_timeout() if timeout is None else timeout)
             with nogil:
+                self.engine.lock()
                 rc = self.engine.wait_state(self.state, deadline)
+                self.engine.unlock()
             if rc == RC_TIMEOUT:
                 missing = [s for s in range(self.state.nranks) if not self.state.have[s]]
                 raise BlsTimeoutError(
@@ -180,6 +186,13 @@ cdef class Request:
         self.check_usable()
         self.finish()
         return self.result
+
+    cdef bint is_detached(self):
+        cdef bint done
+        self.engine.lock()
+        done = self.state.detached
+        self.engine.unlock()
+        return done
 
     cdef double engine_timeout(self):
         return self.engine.default_timeout
