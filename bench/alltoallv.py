@@ -14,6 +14,8 @@ Sections:
   latency    one alltoallv per iteration, 8 B to 1 MiB per peer
   batch      m = 1, 8, 26 small alltoallvs per step, chained and unchained
   pipeline   n alltoallvs with at most k outstanding (k = bound), calls per second
+  overlap    the same pipeline (k = 2) with compute between calls: progress by
+             polling inside calls, or by a background thread (progress="thread")
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ BATCH_SIZES = [8, 64, 512]
 BATCH_M = [1, 8, 26]
 PIPE_SIZES = [8, 512, 4096]
 PIPE_K = [0, 1, 4, 8]
+OVERLAP = [(8, 10e-6), (4096, 20e-6), (65536, 50e-6)]  # (bytes per peer, compute per call)
 JOBS = [("shm", "vader,self"), ("tcp", "tcp,self")]
 
 
@@ -50,12 +53,13 @@ def worker(args) -> None:
     repeats = args.repeats
     comms = {}
 
-    def comm_for(bound, slot_bytes):
-        key = (bound, slot_bytes)
+    def comm_for(bound, slot_bytes, progress="poll"):
+        key = (bound, slot_bytes, progress)
         if key not in comms:
             comms[key] = blsfab.Communicator(bound=bound, slot_bytes=slot_bytes,
                                              provider=args.provider, timeout=120,
-                                             chain_threshold=args.chain_threshold)
+                                             chain_threshold=args.chain_threshold,
+                                             progress=progress)
         return comms[key]
 
     def log(msg):
@@ -188,7 +192,52 @@ def worker(args) -> None:
         out["pipeline"].append(row)
         log(f"  pipeline {nbytes:>5} B  " + "  ".join(f"{k} {v / 1e3:7.1f}k/s" for k, v in row["calls_per_s"].items()))
 
-    stats = {f"bound={b},slot={s}": c.stats() for (b, s), c in comms.items()}
+    # ---- overlap: compute between calls; who makes progress meanwhile? ---------------
+    out["overlap"] = []
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    for nbytes, compute in OVERLAP:
+        sspec, rspec, send = mpi_buffers(nbytes)
+        counts = [nbytes] * size
+        k = 2
+
+        def mpi_overlap(n):
+            fifo = []
+            for _ in range(n):
+                fifo.append(world.Ialltoallv(sspec, rspec))
+                spin(compute)
+                fifo[-1].Test()
+                if len(fifo) > k:
+                    fifo.pop(0).Wait()
+            MPI.Request.Waitall(fifo)
+
+        contenders = {"MPI_Ialltoallv": mpi_overlap}
+        for progress in ("poll", "thread"):
+            bls = comm_for(k, nbytes + 64, progress)
+
+            def bls_overlap(n, comm=bls):
+                fifo = []
+                for _ in range(n):
+                    fifo.append(comm.ialltoallv(send, counts))
+                    spin(compute)
+                    if len(fifo) > k:
+                        fifo.pop(0).wait()
+                for r in fifo:
+                    r.wait()
+
+            contenders[f"blsfab {progress}"] = bls_overlap
+        med, _ = measure(contenders, 300)
+        row = {"bytes": nbytes, "compute_us": compute * 1e6,
+               "us": {k2: v * 1e6 for k2, v in med.items()}}
+        out["overlap"].append(row)
+        log(f"  overlap {nbytes:>6} B +{compute * 1e6:.0f} us  " +
+            "  ".join(f"{k2} {v:8.2f} us" for k2, v in row["us"].items()))
+
+    stats = {f"bound={b},slot={s},{p}": c.stats() for (b, s, p), c in comms.items()}
     for c in comms.values():
         c.close()
     if rank == 0:
@@ -258,6 +307,12 @@ def report(jobs) -> None:
                 f"{name} {v / 1e3:.1f}k ({v / base:.2f}x)" for name, v in c.items()
                 if name != "MPI_Alltoallv"]
             print(f"{row['bytes']:>6} B: " + ", ".join(cells))
+        print("-- overlap: k = 2 outstanding, compute between calls, median us per call --")
+        for row in job.get("overlap", []):
+            us = row["us"]
+            print(f"{row['bytes']:>6} B + {row['compute_us']:.0f} us compute: " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in us.items()) +
+                  f"  (thread/poll {us['blsfab thread'] / us['blsfab poll']:.2f})")
 
 
 def plot(jobs) -> None:
