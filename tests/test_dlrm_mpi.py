@@ -110,12 +110,16 @@ def test_predictions_bitwise_across_ranks_backends_bounds(
 
 
 @needs_mpirun
-def test_bls_backend_covered() -> None:
+def test_bls_straggler_progress_thread(reference: np.ndarray, tmp_path: Path) -> None:
+    """bls with a persistent straggler, blsfab's progress thread and test-and-sleep waits."""
     if not BLS:
         pytest.skip("blsfab does not import here: the bls backend is not covered")
+    out = tmp_path / "bls.npy"
     r = run_adapter(COMMON + ["--backend", "bls", "--bound", "2", "--slow-rank", "1",
-                              "--slow-ms", "2"], 2)
+                              "--slow-ms", "2", "--bls-progress", "thread", "--poll-us", "50",
+                              "--save-predictions", str(out)], 2)
     assert "blsfab max_lead" in r.stdout
+    assert np.load(out).tobytes() == reference.tobytes()
 
 
 # ------------------------------------------------------------------ Criteo TSV input

@@ -28,7 +28,6 @@ Options: ``pg_options`` (an :class:`Options` or a dict) or the environment
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import socket
 import threading
@@ -140,56 +139,57 @@ def _seconds(timeout) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------- tensors
+#
+# Everything travels in the tensors' own dtype (the engine takes any fixed-size
+# dtype), as 1-D contiguous tensors; counts are in elements. Tensor views cost
+# microseconds from Python, so the common case (1-D contiguous) makes none.
 
 def _check_tensor(t, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"blsfab: {what} must be a torch.Tensor; got {type(t).__name__}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise TypeError(f"blsfab: {what} is on {t.device}; the blsfab backend moves CPU tensors "
                         "only (use a device-specific backend for the others)")
-    if t.layout != torch.strided:
+    if t.layout is not torch.strided:
         raise TypeError(f"blsfab: {what} has layout {t.layout}; only dense tensors are supported")
 
 
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D uint8 view of ``t``'s elements (a copy only when ``t`` is not contiguous)."""
-    if t.numel() == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    flat = _flat_view(t.detach())
-    if flat is None:
-        flat = t.detach().contiguous().reshape(-1).clone()
-    return flat.view(torch.uint8)
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as a 1-D contiguous tensor: ``t`` itself when it is one,
+    else a view, else a copy."""
+    if t.dim() == 1 and t.is_contiguous():
+        return t.detach() if t.requires_grad else t
+    view = _flat_view(t)
+    return view if view is not None else t.detach().contiguous().reshape(-1).clone()
 
 
 def _flat_view(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """``t`` as a 1-D tensor with unit stride sharing its memory, or None."""
+    """``t`` as a 1-D unit-stride tensor sharing its memory, or None."""
     if not t.is_contiguous():
         return None
-    flat = t.reshape(-1)
-    return flat if flat.stride(0) == 1 else None
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    flat = t.detach().reshape(-1)
+    return flat if flat.numel() == 0 or flat.stride(0) == 1 else None
 
 
 class _Sink:
-    """Where received bytes go: ``buf`` (1-D uint8), written back to ``dst``
-    by ``flush()`` when ``dst`` could not be viewed as bytes directly."""
+    """Where received elements go: ``buf`` (1-D, the dtype of ``dst``),
+    written back to ``dst`` by ``flush()`` when ``dst`` has no 1-D view."""
+
+    __slots__ = ("dst", "buf", "direct")
 
     def __init__(self, dst: torch.Tensor):
-        self.dst = dst.detach()
-        flat = _flat_view(self.dst) if dst.numel() else None
-        if flat is not None:
-            self.buf = flat.view(torch.uint8)
+        self.dst = dst
+        if dst.dim() == 1 and dst.is_contiguous():
+            self.buf = dst.detach() if dst.requires_grad else dst
             self.direct = True
-        else:
-            self.buf = torch.empty(_nbytes(dst), dtype=torch.uint8)
-            self.direct = False
+            return
+        flat = _flat_view(dst)
+        self.direct = flat is not None
+        self.buf = flat if flat is not None else torch.empty(dst.numel(), dtype=dst.dtype)
 
     def flush(self) -> None:
         if not self.direct:
-            self.dst.copy_(self.buf.view(self.dst.dtype).view(self.dst.shape))
+            self.dst.detach().copy_(self.buf.view(self.dst.shape))
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -242,8 +242,15 @@ def _reduce_rows(parts: torch.Tensor, out: torch.Tensor, accumulate) -> None:
 class Work(dist._Work):
     """The handle of one blsfab collective: ``wait()``, ``get_future()``,
     ``is_completed()``. Its future completes as soon as any poll of the process
-    group finds the data complete (every backend call, every wait and test,
-    and the progress thread poll)."""
+    group finds the data complete: every backend call, every wait and
+    is_completed, and the progress thread while someone holds the future."""
+
+    # Class-level defaults keep construction cheap (it is on every call's path).
+    _future: Optional[torch.futures.Future] = None  # made on demand
+    _done = False
+    _published = False  # done, and seen by whoever completes the future
+    _exc: Optional[BaseException] = None
+    _value: Optional[list] = None
 
     def __init__(self, pg: "ProcessGroupBlsfab", name: str, requests: list,
                  finish: Callable[[list], list]):
@@ -252,18 +259,10 @@ class Work(dist._Work):
         self._name = name
         self._requests = requests
         self._finish = finish
-        self._future: torch.futures.Future = torch.futures.Future()
-        self._done = False
-        self._published = False
-        self._watched = False
-        self._exc: Optional[BaseException] = None
-        self._value: Optional[list] = None
 
-    # Called with the process group's lock held.
+    # The three below run with the process group's lock held.
     def _try_complete(self) -> bool:
         """Progress; finish and return True once every iteration has arrived."""
-        if self._done:
-            return False
         try:
             for req in self._requests:
                 if not req.test():
@@ -274,7 +273,7 @@ class Work(dist._Work):
         return True
 
     def _set_done(self, results: list) -> None:
-        self._requests = []
+        self._requests = ()
         try:
             self._value = self._finish(results)
         except Exception as exc:  # noqa: BLE001
@@ -283,31 +282,29 @@ class Work(dist._Work):
         self._done = True
 
     def _set_failed(self, exc: BaseException) -> None:
-        self._requests = []
+        self._requests = ()
         self._exc = exc
         self._done = True
 
-    # Called without the lock, exactly once per work, by the thread that completed it.
-    def _publish(self) -> None:
-        if self._published:
-            return
-        self._published = True
+    def _complete_future(self) -> None:
+        """Set the future (outside the lock: its callbacks may call the group)."""
+        fut = self._future
         if self._exc is not None:
-            self._future.set_exception(self._exc)
+            fut.set_exception(self._exc)
         else:
-            self._future.set_result(self._value)
+            fut.set_result(self._value)
 
     # ---- the torch Work interface ---------------------------------------------------
 
     def wait(self, timeout=None) -> bool:
-        self._pg._wait_work(self, _seconds(timeout))
+        if not self._done:
+            self._pg._wait_work(self, _seconds(timeout))
         if self._exc is not None:
             raise self._exc
         return True
 
     def get_future(self) -> torch.futures.Future:
-        self._pg._watch(self)
-        return self._future
+        return self._pg._future_of(self)
 
     def is_completed(self) -> bool:
         if not self._done:
@@ -332,13 +329,6 @@ class Work(dist._Work):
         return f"<blsfab.torch.Work {self._name} {state}>"
 
 
-def _completed_work(pg, name: str, value: list) -> Work:
-    work = Work(pg, name, [], lambda results: value)
-    work._set_done([])
-    work._publish()
-    return work
-
-
 # ----------------------------------------------------------------------------- process group
 
 _LIVE_GROUPS: "weakref.WeakSet[ProcessGroupBlsfab]" = weakref.WeakSet()
@@ -361,18 +351,20 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
         if seconds is None:
             seconds = 60.0
         self.options = opts
+        self._rank, self._size = rank, size
         self._group_name = ""
         self._group_desc = ""
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._pending: List[Work] = []
+        self._watched = 0        # pending works whose future someone holds
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._closed = False
         boot = StoreBootstrap(store, rank, size, timeout=seconds)
         self._comm = Communicator(bootstrap=boot, bound=opts.bound, slot_bytes=opts.slot_bytes,
                                   provider=opts.provider, timeout=seconds)
-        # The largest message to one peer in one iteration.
+        # The largest message to one peer in one iteration, in bytes.
         self._cap = self._comm.slot_bytes - _core.SLOT_OVERHEAD
         _LIVE_GROUPS.add(self)
 
@@ -398,67 +390,93 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
         return self._comm
 
     def __repr__(self) -> str:
-        return (f"<blsfab.torch.ProcessGroupBlsfab rank={self.rank()}/{self.size()} "
+        return (f"<blsfab.torch.ProcessGroupBlsfab rank={self._rank}/{self._size} "
                 f"bound={self._comm.bound} provider={getattr(self._comm, 'provider', '?')!r}>")
 
     # ---- progress ----------------------------------------------------------------------
+    #
+    # Every use of the communicator holds self._lock (the engine is not
+    # thread-safe). Works finish under the lock; their futures are completed
+    # after it is released, by whoever finished them (_settle).
 
-    def _poll_locked(self) -> List[Work]:
-        if not self._pending:
-            return []
-        finished = [w for w in self._pending if w._try_complete()]
-        if finished:
-            self._pending = [w for w in self._pending if not w._done]
-        return finished
+    def _poll_locked(self, finished: list) -> None:
+        """Try every pending work once; move the finished ones to ``finished``."""
+        pending = self._pending
+        if not pending:
+            return
+        still = []
+        for w in pending:
+            if w._try_complete():
+                finished.append(w)
+            else:
+                still.append(w)
+        if len(still) != len(pending):
+            self._pending = still
+
+    def _claim_locked(self, finished: list) -> list:
+        """Mark finished works published; return those whose future must be set."""
+        out = []
+        for w in finished:
+            w._published = True
+            if w._future is not None:
+                self._watched -= 1
+                out.append(w)
+        return out
 
     def _poll(self) -> int:
         """Poll once; complete the futures of every finished work. Returns how many."""
+        finished: list = []
         with self._lock:
             if self._closed:
                 return 0
-            finished = self._poll_locked()
-        for w in finished:
-            w._publish()
+            self._poll_locked(finished)
+            settle = self._claim_locked(finished)
+        for w in settle:
+            w._complete_future()
         return len(finished)
 
     def _wait_work(self, work: Work, timeout: Optional[float]) -> None:
-        if work._done:
-            return
+        finished: list = []
         with self._lock:
             if not work._done:
                 self._check_open("wait")
-                for req in list(work._requests):
-                    try:
-                        req.wait(timeout)
-                    except Exception as exc:  # noqa: BLE001
-                        if isinstance(exc, TimeoutError):
-                            raise  # not complete yet: the work stays pending
-                        work._set_failed(exc)
-                        break
-                if not work._done:
-                    work._set_done([req.wait() for req in work._requests])
-                self._pending = [w for w in self._pending if w is not work]
-                finished = [work] + self._poll_locked()
-        for w in finished:
-            w._publish()
+                try:
+                    results = [req.wait(timeout) for req in work._requests]
+                except TimeoutError:
+                    raise  # not complete yet: the work stays pending
+                except Exception as exc:  # noqa: BLE001
+                    work._set_failed(exc)
+                else:
+                    work._set_done(results)
+                self._pending.remove(work)
+                finished.append(work)
+                self._poll_locked(finished)
+            settle = self._claim_locked(finished)
+        for w in settle:
+            w._complete_future()
 
-    def _watch(self, work: Work) -> None:
-        """Someone holds this work's future: make sure a poll will complete it."""
-        if work._done or not self.options.progress_thread:
-            return
+    def _future_of(self, work: Work) -> torch.futures.Future:
+        """The work's future, made on first request; a poll will complete it."""
         with self._cond:
-            if work._done:
-                return
-            work._watched = True
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=_progress_loop, args=(weakref.ref(self),),
-                                                name=f"blsfab-progress-{self.rank()}",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def _has_watched(self) -> bool:
-        return any(w._watched for w in self._pending)
+            fut = work._future
+            if fut is not None:
+                return fut
+            fut = work._future = torch.futures.Future()
+            settle_now = work._published
+            if not settle_now:
+                self._watched += 1
+                if self.options.progress_thread and not self._closed:
+                    if self._thread is None:
+                        self._thread = threading.Thread(
+                            target=_progress_loop, args=(weakref.ref(self),),
+                            name=f"blsfab-progress-{self._rank}", daemon=True)
+                        self._thread.start()
+                    self._cond.notify()
+        if settle_now:
+            work._complete_future()
+        else:
+            self._poll()
+        return fut
 
     # ---- posting -------------------------------------------------------------------------
 
@@ -466,61 +484,87 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
         if self._closed:
             raise ClosedError(f"blsfab: {name} on a process group that was shut down")
 
-    def _launch(self, name: str, post: Callable[[], tuple]) -> Work:
-        """Run ``post()`` (which posts iterations and returns (requests, finish))
-        under the lock, after a poll; return its Work."""
+    def _launch(self, name: str, post: Callable[[], tuple], opts=None) -> Work:
+        """Under the lock, poll, then run ``post()``, which posts this
+        collective's iterations and returns (requests, finish); return its Work.
+
+        ``opts.asyncOp`` False means the caller (torch.distributed with
+        async_op=False) waits at once, so the work is completed here."""
+        finished: list = []
         with self._lock:
-            self._check_open(name)
-            finished = self._poll_locked()
+            if self._closed:
+                self._check_open(name)
+            if self._pending:
+                self._poll_locked(finished)
             requests, finish = post()
             work = Work(self, name, requests, finish)
-            self._pending.append(work)
-        for w in finished:
-            w._publish()
+            if opts is not None and not opts.asyncOp:
+                try:
+                    results = [req.wait() for req in requests]
+                except TimeoutError:
+                    self._pending.append(work)  # still in flight; wait() may resume it
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    work._set_failed(exc)
+                else:
+                    work._set_done(results)
+                work._published = True
+            else:
+                self._pending.append(work)
+            settle = self._claim_locked(finished) if finished else ()
+        for w in settle:
+            w._complete_future()
         return work
 
-    def _rounds(self, nbytes: int, itemsize: int) -> int:
-        step = self._cap // itemsize * itemsize
-        if step <= 0:
-            raise ValueError(f"blsfab: one {itemsize}-byte element does not fit a slot of "
-                             f"{self._cap} bytes; raise BLSFAB_SLOT_BYTES")
-        return max(1, -(-nbytes // step))
+    def _done_work(self, name: str, value: list) -> Work:
+        work = Work(self, name, (), None)
+        work._value = value
+        work._done = work._published = True
+        return work
 
-    def _post_replicated(self, payload: Optional[torch.Tensor], nbytes: int, itemsize: int,
-                         dests: Sequence[int]) -> List[tuple]:
-        """Send ``payload`` (``nbytes`` uint8, or None when this rank sends
+    def _step(self, item: int) -> int:
+        """Elements of ``item`` bytes that one message to one peer can hold."""
+        step = self._cap // item
+        if step <= 0:
+            raise ValueError(f"blsfab: one {item}-byte element does not fit a slot of "
+                             f"{self._cap} bytes; raise BLSFAB_SLOT_BYTES")
+        return step
+
+    def _post_replicated(self, payload: Optional[torch.Tensor], n: int, dtype: torch.dtype,
+                         item: int, dests: Sequence[int]) -> List[tuple]:
+        """Send ``payload`` (``n`` elements, or None when this rank sends
         nothing) to every rank in ``dests``, in slot-sized rounds. Every rank
-        calls this with the same ``nbytes`` so every rank posts the same
-        iterations. Returns [(request, offset, length)] per round."""
-        step = self._cap // itemsize * itemsize
-        rounds = self._rounds(nbytes, itemsize)
-        size = self._comm.size
+        calls this with the same ``n`` and ``dests``, so every rank posts the
+        same iterations. Returns [(request, offset, length)] per round."""
+        step = self._step(item)
+        rounds = max(1, -(-n // step))
+        size = self._size
+        sends = payload is not None and len(dests) > 0
         out = []
         for k in range(rounds):
-            lo, hi = k * step, min(nbytes, (k + 1) * step)
+            lo, hi = k * step, min(n, (k + 1) * step)
             counts = [0] * size
-            if payload is None or not dests:
-                buf = torch.empty(0, dtype=torch.uint8)
-            else:
-                chunk = payload[lo:hi]
+            if sends:
+                chunk = payload if rounds == 1 else payload[lo:hi]
                 buf = chunk if len(dests) == 1 else chunk.repeat(len(dests))
                 for d in dests:
                     counts[d] = hi - lo
+            else:
+                buf = torch.empty(0, dtype=dtype)
             out.append((self._comm.ialltoallv(buf, counts), lo, hi - lo))
         return out
 
-    def _post_even(self, payload: torch.Tensor, per_peer: int, itemsize: int) -> List[tuple]:
-        """Send segment j of ``payload`` (``size`` segments of ``per_peer`` bytes)
-        to rank j, in slot-sized rounds. Returns [(request, offset, length)]."""
-        step = self._cap // itemsize * itemsize
-        rounds = self._rounds(per_peer, itemsize)
-        size = self._comm.size
-        if rounds == 1:
+    def _post_even(self, payload: torch.Tensor, per_peer: int, item: int) -> List[tuple]:
+        """Send segment j of ``payload`` (``size`` segments of ``per_peer``
+        elements) to rank j, in slot-sized rounds. Returns [(request, offset, length)]."""
+        step = self._step(item)
+        size = self._size
+        if per_peer <= step:
             return [(self._comm.ialltoallv(payload, [per_peer] * size), 0, per_peer)]
         grid = payload.view(size, per_peer)
         out = []
-        for k in range(rounds):
-            lo, hi = k * step, min(per_peer, (k + 1) * step)
+        for lo in range(0, per_peer, step):
+            hi = min(per_peer, lo + step)
             buf = grid[:, lo:hi].contiguous().view(-1)
             out.append((self._comm.ialltoallv(buf, [hi - lo] * size), lo, hi - lo))
         return out
@@ -531,85 +575,118 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
                           opts=None) -> Work:
         _check_tensor(output, "all_to_all_single output")
         _check_tensor(input, "all_to_all_single input")
-        if output.dtype != input.dtype:
+        dtype = input.dtype
+        if output.dtype != dtype:
             raise TypeError(f"blsfab: all_to_all_single output is {output.dtype} but input is "
-                            f"{input.dtype}")
-        size = self.size()
-        item = input.element_size()
-        out_splits = [int(s) for s in output_split_sizes or []]
-        in_splits = [int(s) for s in input_split_sizes or []]
-        in_row = _row_bytes(input)
-        out_row = _row_bytes(output)
-        in_counts = _split_bytes("input", input, in_splits, in_row, size)
-        out_counts = _split_bytes("output", output, out_splits, out_row, size)
-        payload = _bytes_of(input)
+                            f"{dtype}")
+        size = self._size
+        in_counts = _split_counts("input", input, input_split_sizes, size)
+        out_counts = _split_counts("output", output, output_split_sizes, size)
+        payload = _flat(input)
         sink = _Sink(output)
-        even = not in_splits and not out_splits
+        even = not input_split_sizes and not output_split_sizes
         if even and in_counts[0] != out_counts[0]:
             raise ValueError(f"blsfab: all_to_all_single with even splits sends {in_counts[0]} "
-                             f"bytes to each rank but the output holds {out_counts[0]} per rank; "
-                             "pass split sizes")
-        if not even:
-            big = max(range(size), key=lambda j: in_counts[j])
-            if in_counts[big] > self._cap:
-                raise ValueError(
-                    f"blsfab: all_to_all_single sends {in_counts[big]} bytes to rank {big} but "
-                    f"one message holds at most {self._cap} (slot_bytes={self._comm.slot_bytes}); "
-                    f"set BLSFAB_SLOT_BYTES (or pg_options slot_bytes) >= "
-                    f"{in_counts[big] + _core.SLOT_OVERHEAD} on every rank")
+                             f"elements to each rank but the output holds {out_counts[0]} per "
+                             "rank; pass split sizes")
+        item = input.element_size()
+        if not even and max(in_counts) * item > self._cap:
+            big = in_counts.index(max(in_counts))
+            need = in_counts[big] * item
+            raise ValueError(
+                f"blsfab: all_to_all_single sends {need} bytes to rank {big} but one message "
+                f"holds at most {self._cap} (slot_bytes={self._comm.slot_bytes}); set "
+                f"BLSFAB_SLOT_BYTES (or pg_options slot_bytes) >= {need + _core.SLOT_OVERHEAD} "
+                "on every rank")
+        rank = self._rank
 
-        def post():
-            if even:
-                rounds = self._post_even(payload, in_counts[0], item)
-            else:
-                rounds = [(self._comm.ialltoallv(payload, in_counts), 0, None)]
-            reqs = [r for r, _, _ in rounds]
+        if (opts is not None and not opts.asyncOp and not self._pending
+                and (not even or in_counts[0] * item <= self._cap)):
+            # Fast path: dist.all_to_all_single(async_op=False) waits at once, and
+            # nothing else is in flight: one iteration, waited here.
+            with self._lock:
+                if not self._pending:
+                    self._check_open("all_to_all_single")
+                    req = self._comm.ialltoallv(payload, in_counts)
+                    result = req.wait()
+                    if req.recvcounts != out_counts:
+                        raise ValueError(_mismatch("all_to_all_single", req.recvcounts,
+                                                   out_counts, rank))
+                    sink.buf.copy_(result)
+                    if not sink.direct:
+                        sink.flush()
+                    return self._done_work("all_to_all_single", [output])
+
+        if not even:
+            def post():
+                req = self._comm.ialltoallv(payload, in_counts)
+
+                def finish(results):
+                    if req.recvcounts != out_counts:
+                        raise ValueError(_mismatch("all_to_all_single", req.recvcounts,
+                                                   out_counts, rank))
+                    sink.buf.copy_(results[0])
+                    if not sink.direct:
+                        sink.flush()
+                    return [output]
+                return [req], finish
+            return self._launch("all_to_all_single", post, opts)
+
+        per = out_counts[0]
+
+        def post_even():
+            rounds = self._post_even(payload, in_counts[0], item)
 
             def finish(results):
-                if even:
-                    per = out_counts[0]
-                    for (req, lo, n), res in zip(rounds, results):
-                        got = req.recvcounts
-                        if any(c != n for c in got) or per * size != sink.buf.numel():
-                            raise ValueError(_mismatch("all_to_all_single", got, out_counts,
-                                                       self.rank()))
-                        sink.buf.view(size, per)[:, lo:lo + n].copy_(res.view(size, n))
-                else:
+                if len(rounds) == 1:
                     got = rounds[0][0].recvcounts
                     if got != out_counts:
-                        raise ValueError(_mismatch("all_to_all_single", got, out_counts,
-                                                   self.rank()))
+                        raise ValueError(_mismatch("all_to_all_single", got, out_counts, rank))
                     sink.buf.copy_(results[0])
-                sink.flush()
+                else:
+                    grid = sink.buf.view(size, per)
+                    for (req, lo, n), res in zip(rounds, results):
+                        if req.recvcounts != [n] * size:
+                            raise ValueError(_mismatch("all_to_all_single", req.recvcounts,
+                                                       [n] * size, rank))
+                        grid[:, lo:lo + n].copy_(res.view(size, n))
+                if not sink.direct:
+                    sink.flush()
                 return [output]
-            return reqs, finish
+            return [r for r, _, _ in rounds], finish
 
-        return self._launch("all_to_all_single", post)
+        return self._launch("all_to_all_single", post_even, opts)
 
     alltoall_base = all_to_all_single
 
     def alltoall(self, output_tensors, input_tensors, opts=None) -> Work:
-        size = self.size()
+        size = self._size
         if len(output_tensors) != size or len(input_tensors) != size:
             raise ValueError(f"blsfab: all_to_all needs {size} input and {size} output tensors; "
                              f"got {len(input_tensors)} and {len(output_tensors)}")
-        for i, t in enumerate(list(output_tensors) + list(input_tensors)):
+        for t in list(output_tensors) + list(input_tensors):
             _check_tensor(t, "all_to_all tensor")
-        counts = [_nbytes(t) for t in input_tensors]
-        expect = [_nbytes(t) for t in output_tensors]
-        big = max(range(size), key=lambda j: counts[j])
-        if counts[big] > self._cap:
-            raise ValueError(f"blsfab: all_to_all sends {counts[big]} bytes to rank {big}; one "
-                             f"message holds at most {self._cap}; raise BLSFAB_SLOT_BYTES")
-        payload = torch.cat([_bytes_of(t) for t in input_tensors]) if size else None
+        dtype = input_tensors[0].dtype
+        if any(t.dtype != dtype for t in list(output_tensors) + list(input_tensors)):
+            raise TypeError("blsfab: all_to_all tensors must share one dtype")
+        counts = [t.numel() for t in input_tensors]
+        expect = [t.numel() for t in output_tensors]
+        item = input_tensors[0].element_size()
+        if max(counts) * item > self._cap:
+            big = counts.index(max(counts))
+            raise ValueError(f"blsfab: all_to_all sends {counts[big] * item} bytes to rank "
+                             f"{big}; one message holds at most {self._cap}; raise "
+                             "BLSFAB_SLOT_BYTES")
+        payload = torch.cat([_flat(t) for t in input_tensors])
         sinks = [_Sink(t) for t in output_tensors]
+        rank = self._rank
 
         def post():
             req = self._comm.ialltoallv(payload, counts)
 
             def finish(results):
                 if req.recvcounts != expect:
-                    raise ValueError(_mismatch("all_to_all", req.recvcounts, expect, self.rank()))
+                    raise ValueError(_mismatch("all_to_all", req.recvcounts, expect, rank))
                 off = 0
                 for s, n in zip(sinks, expect):
                     s.buf.copy_(results[0][off:off + n])
@@ -618,93 +695,88 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
                 return list(output_tensors)
             return [req], finish
 
-        return self._launch("all_to_all", post)
+        return self._launch("all_to_all", post, opts)
 
     def allreduce(self, tensors, opts=None) -> Work:
         tensors = _tensor_list(tensors, "all_reduce")
         op = opts.reduceOp if opts is not None else dist.ReduceOp.SUM
-        return self._allreduce("all_reduce", tensors, op)
+        return self._allreduce("all_reduce", tensors, op, opts=opts)
 
     def allreduce_coalesced(self, tensors, opts=None) -> Work:
         tensors = _tensor_list(tensors, "all_reduce_coalesced")
         op = opts.reduceOp if opts is not None else dist.ReduceOp.SUM
-        return self._allreduce("all_reduce_coalesced", tensors, op)
+        return self._allreduce("all_reduce_coalesced", tensors, op, opts=opts)
 
-    def _allreduce(self, name: str, tensors: List[torch.Tensor], op, root: Optional[int] = None
-                   ) -> Work:
+    def _allreduce(self, name: str, tensors: List[torch.Tensor], op, root: Optional[int] = None,
+                   opts=None) -> Work:
         dtype = tensors[0].dtype
         if any(t.dtype != dtype for t in tensors):
             raise TypeError(f"blsfab: {name} tensors must share one dtype")
-        size, rank = self.size(), self.rank()
+        size, rank = self._size, self._rank
         accumulate, finalize = _reducer(op, dtype, size)
-        flat = _bytes_of(tensors[0]) if len(tensors) == 1 else \
-            torch.cat([_bytes_of(t) for t in tensors])
-        nbytes = flat.numel()
-        item = tensors[0].element_size()
+        flat = _concat(tensors)
+        n = flat.numel()
         dests = list(range(size)) if root is None else [root]
         receives = root is None or rank == root
 
         def post():
-            rounds = self._post_replicated(flat, nbytes, item, dests)
+            rounds = self._post_replicated(flat, n, dtype, tensors[0].element_size(), dests)
 
             def finish(results):
                 if not receives:
                     return list(tensors)
-                acc = torch.empty(nbytes, dtype=torch.uint8)
-                typed = acc.view(dtype)
-                for (_, lo, n), res in zip(rounds, results):
-                    if res.numel() != n * size:
+                acc = torch.empty(n, dtype=dtype)
+                for (_, lo, m), res in zip(rounds, results):
+                    if res.numel() != m * size:
                         raise ValueError(f"blsfab: {name}: rank {rank} received {res.numel()} "
-                                         f"bytes in a round, expected {n * size}; do all ranks "
-                                         "pass tensors of the same size?")
-                    if n:
-                        parts = res.view(dtype).view(size, n // item)
-                        _reduce_rows(parts, typed[lo // item:(lo + n) // item], accumulate)
-                finalize(typed)
-                _scatter_back(acc, tensors)
+                                         f"elements in a round, expected {m * size}; do all "
+                                         "ranks pass tensors of the same size?")
+                    if m:
+                        _reduce_rows(res.view(size, m), acc[lo:lo + m], accumulate)
+                finalize(acc)
+                _write_back(acc, tensors)
                 return list(tensors)
             return [r for r, _, _ in rounds], finish
 
-        return self._launch(name, post)
+        return self._launch(name, post, opts)
 
     def reduce(self, tensors, opts=None) -> Work:
         tensors = _tensor_list(tensors, "reduce")
         root = int(opts.rootRank) if opts is not None else 0
         op = opts.reduceOp if opts is not None else dist.ReduceOp.SUM
-        _check_root(root, self.size(), "reduce")
-        return self._allreduce("reduce", tensors, op, root=root)
+        _check_root(root, self._size, "reduce")
+        return self._allreduce("reduce", tensors, op, root=root, opts=opts)
 
     def broadcast(self, tensors, opts=None) -> Work:
         tensors = _tensor_list(tensors, "broadcast")
         root = int(opts.rootRank) if opts is not None else 0
-        _check_root(root, self.size(), "broadcast")
-        rank, size = self.rank(), self.size()
-        item = tensors[0].element_size()
-        nbytes = sum(_nbytes(t) for t in tensors)
-        if rank == root:
-            flat = _bytes_of(tensors[0]) if len(tensors) == 1 else \
-                torch.cat([_bytes_of(t) for t in tensors])
-        else:
-            flat = None
+        _check_root(root, self._size, "broadcast")
+        rank, size = self._rank, self._size
+        dtype = tensors[0].dtype
+        if any(t.dtype != dtype for t in tensors):
+            raise TypeError("blsfab: broadcast tensors must share one dtype")
+        n = sum(t.numel() for t in tensors)
+        flat = _concat(tensors) if rank == root else None
         dests = [d for d in range(size) if d != root]
 
         def post():
-            rounds = self._post_replicated(flat, nbytes, item, dests)
+            rounds = self._post_replicated(flat, n, dtype, tensors[0].element_size(), dests)
 
             def finish(results):
                 if rank != root:
-                    acc = torch.empty(nbytes, dtype=torch.uint8)
-                    for (_, lo, n), res in zip(rounds, results):
-                        if res.numel() != n:
+                    acc = results[0] if len(rounds) == 1 else torch.empty(n, dtype=dtype)
+                    for (_, lo, m), res in zip(rounds, results):
+                        if res.numel() != m:
                             raise ValueError(f"blsfab: broadcast: rank {rank} received "
-                                             f"{res.numel()} bytes from root {root}, expected "
-                                             f"{n}; do all ranks pass the same sizes?")
-                        acc[lo:lo + n].copy_(res)
-                    _scatter_back(acc, tensors)
+                                             f"{res.numel()} elements from root {root}, "
+                                             f"expected {m}; do all ranks pass the same sizes?")
+                        if len(rounds) > 1:
+                            acc[lo:lo + m].copy_(res)
+                    _write_back(acc, tensors)
                 return list(tensors)
             return [r for r, _, _ in rounds], finish
 
-        return self._launch("broadcast", post)
+        return self._launch("broadcast", post, opts)
 
     def allgather(self, output_tensors, input_tensors, opts=None) -> Work:
         inputs = _tensor_list(input_tensors, "all_gather")
@@ -712,96 +784,93 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
             raise NotImplementedError("blsfab: all_gather takes one input tensor per rank "
                                       "(multi-tensor all_gather is not supported)")
         outs = list(output_tensors[0])
-        size = self.size()
+        size = self._size
         if len(outs) != size:
             raise ValueError(f"blsfab: all_gather needs {size} output tensors; got {len(outs)}")
+        inp = inputs[0]
         for t in outs:
             _check_tensor(t, "all_gather output")
-        inp = inputs[0]
-        nbytes = _nbytes(inp)
-        if any(_nbytes(t) != nbytes for t in outs):
-            raise ValueError("blsfab: all_gather output tensors must have the input's size")
+            if t.numel() != inp.numel() or t.dtype != inp.dtype:
+                raise ValueError("blsfab: all_gather output tensors must match the input's "
+                                 "size and dtype")
         sinks = [_Sink(t) for t in outs]
-        return self._gather_like("all_gather", inp, nbytes, [s.buf for s in sinks], sinks,
-                                 list(output_tensors))
+        return self._gather_like("all_gather", inp, [s.buf for s in sinks], sinks,
+                                 list(output_tensors), opts)
 
     def all_gather_single(self, output, input, opts=None) -> Work:
         _check_tensor(output, "all_gather_into_tensor output")
         _check_tensor(input, "all_gather_into_tensor input")
-        size = self.size()
-        nbytes = _nbytes(input)
-        if _nbytes(output) != size * nbytes or output.dtype != input.dtype:
+        size = self._size
+        n = input.numel()
+        if output.numel() != size * n or output.dtype != input.dtype:
             raise ValueError(f"blsfab: all_gather_into_tensor output must hold {size} x the "
-                             f"input ({nbytes} bytes of {input.dtype}); got {_nbytes(output)} "
-                             f"bytes of {output.dtype}")
+                             f"input ({n} elements of {input.dtype}); got {output.numel()} "
+                             f"of {output.dtype}")
         sink = _Sink(output)
-        rows = list(sink.buf.view(size, nbytes)) if nbytes else \
-            [sink.buf[:0] for _ in range(size)]
-        return self._gather_like("all_gather_into_tensor", input, nbytes, rows, [sink],
-                                 [output])
+        rows = [sink.buf[r * n:(r + 1) * n] for r in range(size)]
+        return self._gather_like("all_gather_into_tensor", input, rows, [sink], [output], opts)
 
     _allgather_base = all_gather_single
     allgather_into_tensor = all_gather_single
 
-    def _gather_like(self, name, inp, nbytes, rows, sinks, value) -> Work:
+    def _gather_like(self, name, inp, rows, sinks, value, opts=None) -> Work:
         _check_tensor(inp, f"{name} input")
-        flat = _bytes_of(inp)
-        size = self.size()
-        item = inp.element_size()
+        flat = _flat(inp)
+        n = flat.numel()
+        size = self._size
 
         def post():
-            rounds = self._post_replicated(flat, nbytes, item, list(range(size)))
+            rounds = self._post_replicated(flat, n, inp.dtype, inp.element_size(),
+                                           list(range(size)))
 
             def finish(results):
-                for (_, lo, n), res in zip(rounds, results):
-                    if res.numel() != n * size:
-                        raise ValueError(f"blsfab: {name}: received {res.numel()} bytes in a "
-                                         f"round, expected {n * size}; do all ranks pass "
+                for (_, lo, m), res in zip(rounds, results):
+                    if res.numel() != m * size:
+                        raise ValueError(f"blsfab: {name}: received {res.numel()} elements in "
+                                         f"a round, expected {m * size}; do all ranks pass "
                                          "tensors of the same size?")
-                    if n:
-                        parts = res.view(size, n)
+                    if m:
+                        parts = res.view(size, m)
                         for r in range(size):
-                            rows[r][lo:lo + n].copy_(parts[r])
+                            rows[r][lo:lo + m].copy_(parts[r])
                 for s in sinks:
                     s.flush()
                 return value
             return [r for r, _, _ in rounds], finish
 
-        return self._launch(name, post)
+        return self._launch(name, post, opts)
 
     def reduce_scatter_single(self, output, input, opts=None) -> Work:
         _check_tensor(output, "reduce_scatter_tensor output")
         _check_tensor(input, "reduce_scatter_tensor input")
-        size = self.size()
-        nbytes = _nbytes(output)
-        if _nbytes(input) != size * nbytes or output.dtype != input.dtype:
+        size = self._size
+        n = output.numel()
+        if input.numel() != size * n or output.dtype != input.dtype:
             raise ValueError(f"blsfab: reduce_scatter_tensor input must hold {size} x the "
-                             f"output ({nbytes} bytes of {output.dtype}); got {_nbytes(input)} "
-                             f"bytes of {input.dtype}")
+                             f"output ({n} elements of {output.dtype}); got {input.numel()} "
+                             f"of {input.dtype}")
         op = opts.reduceOp if opts is not None else dist.ReduceOp.SUM
-        dtype, item = output.dtype, output.element_size()
+        dtype = output.dtype
         accumulate, finalize = _reducer(op, dtype, size)
-        payload = _bytes_of(input)
+        payload = _flat(input)
         sink = _Sink(output)
 
         def post():
-            rounds = self._post_even(payload, nbytes, item)
+            rounds = self._post_even(payload, n, output.element_size())
 
             def finish(results):
-                typed = sink.buf.view(dtype)
-                for (_, lo, n), res in zip(rounds, results):
-                    if res.numel() != n * size:
+                for (_, lo, m), res in zip(rounds, results):
+                    if res.numel() != m * size:
                         raise ValueError(f"blsfab: reduce_scatter_tensor: received "
-                                         f"{res.numel()} bytes, expected {n * size}")
-                    if n:
-                        _reduce_rows(res.view(dtype).view(size, n // item),
-                                     typed[lo // item:(lo + n) // item], accumulate)
-                finalize(typed)
+                                         f"{res.numel()} elements, expected {m * size}")
+                    if m:
+                        _reduce_rows(res.view(size, m), sink.buf[lo:lo + m], accumulate)
+                finalize(sink.buf)
                 sink.flush()
                 return [output]
             return [r for r, _, _ in rounds], finish
 
-        return self._launch("reduce_scatter_tensor", post)
+        return self._launch("reduce_scatter_tensor", post, opts)
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -810,26 +879,22 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
         if len(outs) != 1 or len(input_tensors) != 1:
             raise NotImplementedError("blsfab: reduce_scatter takes one output tensor per rank")
         ins = list(input_tensors[0])
-        if len(ins) != self.size():
-            raise ValueError(f"blsfab: reduce_scatter needs {self.size()} input tensors")
+        if len(ins) != self._size:
+            raise ValueError(f"blsfab: reduce_scatter needs {self._size} input tensors")
         for t in ins:
             _check_tensor(t, "reduce_scatter input")
-        flat = torch.cat([t.detach().reshape(-1) for t in ins])
-        work = self.reduce_scatter_single(outs[0], flat, opts)
+        work = self.reduce_scatter_single(outs[0], _concat(ins), opts)
         work._name = "reduce_scatter"
         return work
 
     def barrier(self, opts=None) -> Work:
         empty = torch.empty(0, dtype=torch.uint8)
+        zeros = [0] * self._size
 
         def post():
-            req = self._comm.ialltoallv(empty, [0] * self.size())
+            return [self._comm.ialltoallv(empty, zeros)], _no_value
 
-            def finish(results):
-                return []
-            return [req], finish
-
-        return self._launch("barrier", post)
+        return self._launch("barrier", post, opts)
 
     # ---- not supported -------------------------------------------------------------
 
@@ -867,7 +932,7 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
             thread.join(timeout=5)
 
     def shutdown(self) -> None:
-        """Collective: wait for pending works, then close the communicator."""
+        """Collective: finish pending works, then close the communicator."""
         if self._closed:
             return
         self._stop_thread()
@@ -890,17 +955,19 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
             self._comm.__exit__(RuntimeError, None, None)
 
 
+def _no_value(results) -> list:
+    return []
+
+
 def _progress_loop(ref) -> None:
-    """Complete watched works' futures while nobody else polls (DDP waits on futures)."""
+    """Complete held futures while nobody else polls (DDP waits on futures in C++)."""
     while True:
         pg = ref()
         if pg is None:
             return
         with pg._cond:
-            while not pg._stopping and not pg._has_watched():
+            while not pg._stopping and pg._watched <= 0:
                 pg._cond.wait(0.5)
-                if ref() is None:
-                    return
             if pg._stopping:
                 return
         try:
@@ -932,21 +999,37 @@ def _tensor_list(tensors, name: str) -> List[torch.Tensor]:
     return tensors
 
 
+def _concat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return _flat(tensors[0]) if len(tensors) == 1 else torch.cat([_flat(t) for t in tensors])
+
+
+def _write_back(flat: torch.Tensor, tensors: List[torch.Tensor]) -> None:
+    """Copy the 1-D ``flat`` into ``tensors``, in order."""
+    off = 0
+    for t in tensors:
+        n = t.numel()
+        sink = _Sink(t)
+        sink.buf.copy_(flat if len(tensors) == 1 else flat[off:off + n])
+        sink.flush()
+        off += n
+
+
 def _check_root(root: int, size: int, name: str) -> None:
     if not 0 <= root < size:
         raise ValueError(f"blsfab: {name} root {root} is not a rank of this {size}-rank group")
 
 
-def _row_bytes(t: torch.Tensor) -> int:
+def _split_counts(what: str, t: torch.Tensor, splits, size: int) -> List[int]:
+    """Elements to (input) or from (output) each rank; splits are in dim-0 rows."""
+    if not splits and t.dim() == 1:
+        n = t.numel()
+        if n % size == 0:
+            return [n // size] * size
     if t.dim() == 0:
-        return t.element_size()
-    rows = t.shape[0]
-    return (_nbytes(t) // rows) if rows else 0
-
-
-def _split_bytes(what: str, t: torch.Tensor, splits: List[int], row: int, size: int
-                 ) -> List[int]:
-    rows = t.shape[0] if t.dim() else 1
+        rows, row = 1, 1
+    else:
+        rows = t.shape[0]
+        row = t.numel() // rows if rows else 0
     if not splits:
         if rows % size:
             raise ValueError(f"blsfab: all_to_all_single {what} has {rows} rows, not divisible "
@@ -955,26 +1038,16 @@ def _split_bytes(what: str, t: torch.Tensor, splits: List[int], row: int, size: 
     if len(splits) != size:
         raise ValueError(f"blsfab: all_to_all_single {what}_split_sizes has {len(splits)} "
                          f"entries; the group has {size} ranks")
-    if any(s < 0 for s in splits) or sum(splits) != rows:
+    splits = [int(s) for s in splits]
+    if min(splits) < 0 or sum(splits) != rows:
         raise ValueError(f"blsfab: all_to_all_single {what}_split_sizes {splits} must be "
                          f"non-negative and sum to the {what}'s {rows} rows")
-    return [s * row for s in splits]
+    return [s * row for s in splits] if row != 1 else splits
 
 
 def _mismatch(name: str, got: Sequence[int], expect: Sequence[int], rank: int) -> str:
-    return (f"blsfab: {name} on rank {rank} received {list(got)} bytes from ranks 0..n-1 but "
-            f"the output expects {list(expect)}; the ranks' split sizes disagree")
-
-
-def _scatter_back(acc: torch.Tensor, tensors: List[torch.Tensor]) -> None:
-    """Copy the byte buffer ``acc`` back into ``tensors`` in order."""
-    off = 0
-    for t in tensors:
-        n = _nbytes(t)
-        sink = _Sink(t)
-        sink.buf.copy_(acc[off:off + n])
-        sink.flush()
-        off += n
+    return (f"blsfab: {name} on rank {rank} received {list(got)} elements from ranks "
+            f"0..n-1 but the output expects {list(expect)}; the ranks' split sizes disagree")
 
 
 # ----------------------------------------------------------------------------- registration

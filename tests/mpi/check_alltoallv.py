@@ -31,6 +31,8 @@ def make_input(kind, dtype, it, seed):
             counts[j] = 0
     if it % 5 == 4:
         counts[(rank + 1) % size] = 1900  # larger than every inject size
+    if it % 4 == 1:
+        counts[(rank + 2) % size] = 3000  # 6 to 24 KB: read in place from the ring
     raw = rng.integers(-1000, 1000, sum(counts) + 3)  # spare tail: counts need not cover it
     if kind == "numpy":
         return np.asarray(raw, dtype=dtype), counts

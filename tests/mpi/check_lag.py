@@ -1,6 +1,6 @@
 """Bounded lag under a randomly sleeping rank, with every element verified.
 
-usage: check_lag.py PROVIDER BOUND ITERS [RING_SLOTS|-] [chain]
+usage: check_lag.py PROVIDER BOUND ITERS [RING_SLOTS|-] [chain|-] [SCALE]
 
 The last rank sleeps 0-5 ms in a third of the iterations. Element k of the
 message from s to d in iteration i is encode(i, s, d, k), checked on receipt.
@@ -21,20 +21,21 @@ from common import expect, world
 provider, bound, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ring_slots = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
 chained = len(sys.argv) > 5 and sys.argv[5] == "chain"  # post iterations in pairs
+scale = int(sys.argv[6]) if len(sys.argv) > 6 else 1     # message size multiplier
 rank, size = world.rank, world.size
 slow = size - 1
 
 
 def encode(it, src, dst, k):
-    return ((it * 64 + src) * 64 + dst) * 4096 + k
+    return ((it * 64 + src) * 64 + dst) * 262144 + k
 
 
 def counts_of(it, src):
-    return [(it * 7 + src * 3 + dst * 5) % 37 for dst in range(size)]
+    return [((it * 7 + src * 3 + dst * 5) % 37) * scale for dst in range(size)]
 
 
 rng = random.Random(1234 + rank)
-comm = blsfab.Communicator(bound=bound, slot_bytes=1 << 12, provider=provider, timeout=60,
+comm = blsfab.Communicator(bound=bound, slot_bytes=(1 << 12) * scale, provider=provider, timeout=60,
                            ring_slots=ring_slots)
 pending = {}
 group = 2 if chained else 1
@@ -69,9 +70,10 @@ for first in range(0, iters, group):
 st = comm.stats()
 comm.close()
 leads = world.gather((st["max_lead"], st["mean_lead"], st["blocked_posts"]), root=0)
+paths = world.gather((st["in_place"], st["spilled"]), root=0)
 expect(st["max_lead"] <= bound, f"max_lead {st['max_lead']} exceeds bound {bound}")
 if rank == 0:
     fast_max = max(l[0] for r, l in enumerate(leads) if r != slow)
     if bound >= 1:
         expect(fast_max > 0, f"fast ranks never ran ahead (leads {leads}); engine is synchronous")
-    print(f"OK lag bound={bound} iters={iters} leads={leads}")
+    print(f"OK lag bound={bound} iters={iters} leads={leads} in_place,spilled={paths}")

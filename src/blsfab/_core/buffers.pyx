@@ -88,6 +88,37 @@ cdef object allocate_like(bint is_torch, object dtype, int typenum, int64_t nele
     return arr
 
 
+cdef class _Allocation:
+    """Owns one malloc'd block, kept alive as the base of the arrays viewing it."""
+    cdef void* ptr
+
+    def __dealloc__(self):
+        free(self.ptr)
+
+
+cdef object adopt_buffer(bint is_torch, object dtype, int typenum, char* data, size_t nbytes,
+                         size_t itemsize):
+    """Wrap ``data`` (malloc'd, ``nbytes``) as a 1-D array or tensor of the
+    sender's kind and dtype, without copying; the result frees it."""
+    cdef cnp.npy_intp dims[1]
+    cdef _Allocation owner = _Allocation.__new__(_Allocation)
+    cdef cnp.ndarray arr
+    owner.ptr = data
+    if typenum >= 0:
+        dims[0] = nbytes // itemsize
+        arr = cnp.PyArray_SimpleNewFromData(1, dims, typenum, data)
+    else:
+        dims[0] = nbytes
+        arr = cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, data)
+    cnp.set_array_base(arr, owner)
+    if is_torch:
+        torch = sys.modules["torch"]
+        return torch.from_numpy(arr).view(dtype)
+    if typenum < 0:
+        return arr.view(dtype)
+    return arr
+
+
 cdef extern from "<malloc.h>" nogil:
     int mallopt(int param, int value)
     int M_TRIM_THRESHOLD, M_MMAP_THRESHOLD

@@ -25,6 +25,12 @@
 cdef enum:
     NOGIL_BYTES = 65536
 
+# Messages this large for an already posted iteration are read in place from
+# the ring when the iteration completes, and such iterations are assembled
+# into one buffer handed to the caller: one copy instead of three.
+cdef enum:
+    IN_PLACE_BYTES = 16384
+
 cdef enum:
     RC_OK = 0
     RC_TIMEOUT = -1
@@ -54,7 +60,9 @@ cdef struct Peer:
                             # reusable once the peer's credit passes q (it has
                             # the data, so the write no longer reads it)
     char* rx_ring           # the peer's ring in our region
-    uint64_t rx_consumed    # slots copied out of that ring
+    uint64_t rx_processed   # slots whose records were delivered, in order
+    uint64_t rx_consumed    # slots freed, in order (<= rx_processed): the credit
+    uint32_t* rx_holds      # per ring position: records still read in place
     uint64_t rx_reported    # rx_consumed as last told to the peer
     uint64_t rx_wanted      # consumed count a blocked peer waits for (0: none)
     uint64_t* rx_landed     # per ring position: seq + 1 of a landed, unconsumed slot
@@ -74,8 +82,10 @@ cdef struct IterState:
     bint orphaned           # its Request is gone; whoever detaches it frees it
     size_t total
     size_t* nbytes
-    char** data
+    char** data             # per source: its bytes (a piece, or in place in a ring)
+    uint32_t* held          # per source: ring position + 1 if data is in place
     uint8_t* have
+    char* result            # assembled in rank order at completion (large iterations)
 
 cdef struct SendItem:
     const char* data
@@ -94,13 +104,15 @@ cdef struct Counters:
     uint64_t credit_requests
     uint64_t eagain
     uint64_t early_arrivals
+    uint64_t in_place         # records read in place from a ring
+    uint64_t spilled          # of those, copied out early for a blocked sender
     int64_t max_lead
     uint64_t lead_sum
     uint64_t lead_samples
 
 
 cdef IterState* iter_state_new(int64_t iteration, int nranks) noexcept nogil:
-    cdef size_t arrays = nranks * (sizeof(size_t) + sizeof(char*)) + nranks
+    cdef size_t arrays = nranks * (sizeof(size_t) + sizeof(char*) + sizeof(uint32_t)) + nranks
     cdef IterState* st = <IterState*>calloc(1, sizeof(IterState) + arrays)
     if st == NULL:
         return NULL
@@ -108,14 +120,18 @@ cdef IterState* iter_state_new(int64_t iteration, int nranks) noexcept nogil:
     st.nranks = nranks
     st.nbytes = <size_t*>(<char*>st + sizeof(IterState))
     st.data = <char**>(<char*>st.nbytes + nranks * sizeof(size_t))
-    st.have = <uint8_t*>(<char*>st.data + nranks * sizeof(char*))
+    st.held = <uint32_t*>(<char*>st.data + nranks * sizeof(char*))
+    st.have = <uint8_t*>(<char*>st.held + nranks * sizeof(uint32_t))
     return st
 
 
 cdef void iter_state_free(IterState* st) noexcept nogil:
+    """Free the state and its pieces (never data held in a ring)."""
     cdef int i
     for i in range(st.nranks):
-        free(st.data[i])
+        if not st.held[i]:
+            free(st.data[i])
+    free(st.result)
     free(st)
 
 
@@ -235,7 +251,8 @@ cdef class RingEngine:
             p.rx_ring = self.rx_region.base + i * ring_bytes
             p.tx_stage = self.tx_region.base + i * ring_bytes
             p.rx_landed = <uint64_t*>calloc(ring_slots, sizeof(uint64_t))
-            if p.rx_landed == NULL:
+            p.rx_holds = <uint32_t*>calloc(ring_slots, sizeof(uint32_t))
+            if p.rx_landed == NULL or p.rx_holds == NULL:
                 raise MemoryError("engine bookkeeping")
         self.closed = False
 
@@ -340,6 +357,9 @@ cdef class RingEngine:
                 if delta > 0 and p.rx_reported + delta > p.rx_wanted:
                     p.rx_wanted = p.rx_reported + delta
                     self.credits_due = True
+                    rc = self.spill(src)  # stop reading its slots in place
+                    if rc < 0:
+                        return rc
             else:
                 delta = bls_imm_count_delta(imm, p.tx_credit)
                 if delta > 0:
@@ -352,16 +372,53 @@ cdef class RingEngine:
         if p.rx_landed[seq % self.ring_slots] != 0:
             return self.fail(RC_PROTOCOL, 0, NULL, src, 3, <int64_t>seq)
         p.rx_landed[seq % self.ring_slots] = seq + 1
-        # Slots are consumed in sequence order, so iterations arrive in order.
-        while p.rx_landed[p.rx_consumed % self.ring_slots] == p.rx_consumed + 1:
-            rc = self.consume_slot(src)
+        # Slots are processed in sequence order, so iterations arrive in order.
+        while p.rx_landed[p.rx_processed % self.ring_slots] == p.rx_processed + 1:
+            rc = self.process_slot(src)
             if rc < 0:
                 return rc
+        self.release_slots(src)
         return RC_OK
 
-    cdef int consume_slot(self, int src) noexcept nogil:
+    cdef void release_slots(self, int src) noexcept nogil:
+        """Free processed slots, in order, once nothing reads them in place."""
         cdef Peer* p = &self.peers[src]
-        cdef size_t pos = p.rx_consumed % self.ring_slots
+        cdef size_t pos
+        while p.rx_consumed < p.rx_processed:
+            pos = p.rx_consumed % self.ring_slots
+            if p.rx_holds[pos]:
+                break
+            (<bls_slot_header_t*>(p.rx_ring + pos * self.slot_bytes)).magic = 0  # never stale
+            p.rx_landed[pos] = 0
+            p.rx_consumed += 1
+            if p.rx_wanted:
+                self.credits_due = True
+
+    cdef int spill(self, int src) noexcept nogil:
+        """Copy out every record of ``src`` still read in place, so its slots
+        free now: the sender has asked for credit."""
+        cdef int64_t i
+        cdef IterState* st
+        cdef char* piece
+        cdef Peer* p = &self.peers[src]
+        for i in range(self.window_mask + 1):
+            st = self.window[i]
+            if st == NULL or not st.held[src]:
+                continue
+            piece = <char*>malloc(st.nbytes[src])
+            if piece == NULL:
+                return self.fail(RC_NOMEM, 0, NULL, src, 0, st.iteration)
+            memcpy(piece, st.data[src], st.nbytes[src])
+            p.rx_holds[st.held[src] - 1] -= 1
+            st.held[src] = 0
+            st.data[src] = piece
+            self.counters.spilled += 1
+        self.release_slots(src)
+        return RC_OK
+
+    cdef int process_slot(self, int src) noexcept nogil:
+        cdef Peer* p = &self.peers[src]
+        cdef size_t pos = p.rx_processed % self.ring_slots
         cdef char* slot = p.rx_ring + pos * self.slot_bytes
         cdef bls_slot_header_t* hdr = <bls_slot_header_t*>slot
         cdef size_t off = sizeof(bls_slot_header_t)
@@ -370,8 +427,8 @@ cdef class RingEngine:
         cdef int64_t it
         cdef IterState* st
         cdef int rc
-        if hdr.magic != BLS_SLOT_MAGIC or hdr.seq != p.rx_consumed:
-            return self.fail(RC_PROTOCOL, 0, NULL, src, 4, <int64_t>p.rx_consumed)
+        if hdr.magic != BLS_SLOT_MAGIC or hdr.seq != p.rx_processed:
+            return self.fail(RC_PROTOCOL, 0, NULL, src, 4, <int64_t>p.rx_processed)
         if hdr.credit > p.tx_credit:
             p.tx_credit = hdr.credit
         for k in range(hdr.nrecords):
@@ -387,17 +444,19 @@ cdef class RingEngine:
             rc = self.state_for(it, &st)
             if rc < 0:
                 return rc
+            if st.posted and n >= IN_PLACE_BYTES:
+                # Large and awaited: read it in place when the iteration
+                # completes, one copy from ring to result.
+                st.held[src] = pos + 1
+                p.rx_holds[pos] += 1
+                self.counters.in_place += 1
             rc = self.deliver(st, src, slot + off, n)
             if rc < 0:
                 return rc
             self.counters.bytes_received += n
             p.heard = it + 1
             off += bls_align(n)
-        hdr.magic = 0  # a stale slot can never pass for a new one
-        p.rx_landed[pos] = 0
-        p.rx_consumed += 1
-        if p.rx_wanted:
-            self.credits_due = True
+        p.rx_processed += 1
         return RC_OK
 
     cdef int state_for(self, int64_t it, IterState** out) noexcept nogil:
@@ -414,9 +473,12 @@ cdef class RingEngine:
         return RC_OK
 
     cdef int deliver(self, IterState* st, int src, const char* payload, size_t n) noexcept nogil:
+        """Record ``src``'s message: in place if marked held, else as a copy."""
         if st.have[src]:
             return self.fail(RC_PROTOCOL, 0, NULL, src, 5, st.iteration)
-        if n:
+        if st.held[src]:
+            st.data[src] = <char*>payload
+        elif n:
             st.data[src] = <char*>malloc(n)
             if st.data[src] == NULL:
                 return self.fail(RC_NOMEM, 0, NULL, src, 0, st.iteration)
@@ -428,14 +490,37 @@ cdef class RingEngine:
         if not st.posted:
             self.counters.early_arrivals += 1
         elif st.arrived == st.nranks:
-            self.complete(st)
+            return self.complete(st)
         return RC_OK
 
-    cdef void complete(self, IterState* st) noexcept nogil:
+    cdef int complete(self, IterState* st) noexcept nogil:
+        """All messages are in: assemble large iterations now (freeing the
+        ring slots read in place) and hand the state to its Request."""
+        cdef int s
+        cdef size_t offset = 0
+        cdef bint in_place = False
+        for s in range(st.nranks):
+            in_place = in_place or st.held[s] != 0
+        if in_place or st.total >= IN_PLACE_BYTES:
+            st.result = <char*>malloc(st.total if st.total else 1)
+            if st.result == NULL:
+                return self.fail(RC_NOMEM, 0, NULL, -1, 0, st.iteration)
+            for s in range(st.nranks):
+                if st.nbytes[s]:
+                    memcpy(st.result + offset, st.data[s], st.nbytes[s])
+                    offset += st.nbytes[s]
+                if st.held[s]:
+                    self.peers[s].rx_holds[st.held[s] - 1] -= 1
+                    st.held[s] = 0
+                    self.release_slots(s)
+                else:
+                    free(st.data[s])
+                st.data[s] = NULL
         self.window[st.iteration & self.window_mask] = NULL
         st.detached = True
         if st.orphaned:
             iter_state_free(st)
+        return RC_OK
 
     cdef int notify(self, int dst, uint32_t imm, double deadline) noexcept nogil:
         """A bare notification (no payload) to ``dst``. With a negative
@@ -877,7 +962,8 @@ cdef class RingEngine:
             "puts": c.puts, "injects": c.injects, "bytes_sent": c.bytes_sent,
             "bytes_received": c.bytes_received, "blocked_posts": c.blocked_posts,
             "credits_sent": c.credits_sent, "credit_requests": c.credit_requests, "eagain_retries": c.eagain,
-            "early_arrivals": c.early_arrivals, "max_lead": c.max_lead,
+            "early_arrivals": c.early_arrivals, "in_place": c.in_place,
+            "spilled": c.spilled, "max_lead": c.max_lead,
             "mean_lead": (<double>c.lead_sum / c.lead_samples) if c.lead_samples else 0.0,
             "ring_bytes": self.rx_region.nbytes if self.rx_region is not None else 0,
             "staging_bytes": self.tx_region.nbytes if self.tx_region is not None else 0,
@@ -916,6 +1002,7 @@ cdef class RingEngine:
         if self.peers != NULL:
             for r in range(self.size):
                 free(self.peers[r].rx_landed)
+                free(self.peers[r].rx_holds)
             free(self.peers)
         free(self.tx_ctx)
         free(self.window)

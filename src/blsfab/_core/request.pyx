@@ -121,12 +121,18 @@ cdef class Request:
                     f"iteration {self.iteration}: rank {s} sent {st.nbytes[s]} bytes, not a "
                     f"multiple of this rank's item size {self.itemsize}; all ranks must send "
                     "the same dtype")
-        result = allocate_like(self.is_torch, self.dtype, self.typenum, st.total // self.itemsize,
-                               &out)
-        for s in range(st.nranks):
-            if st.nbytes[s]:
-                memcpy(out + offset, st.data[s], st.nbytes[s])
-                offset += st.nbytes[s]
+        if st.result != NULL:
+            # Assembled by the engine at completion: adopt it, no copy.
+            result = adopt_buffer(self.is_torch, self.dtype, self.typenum, st.result, st.total,
+                                  self.itemsize)
+            st.result = NULL
+        else:
+            result = allocate_like(self.is_torch, self.dtype, self.typenum,
+                                   st.total // self.itemsize, &out)
+            for s in range(st.nranks):
+                if st.nbytes[s]:
+                    memcpy(out + offset, st.data[s], st.nbytes[s])
+                    offset += st.nbytes[s]
         self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
         self.result = result
         iter_state_free(st)
