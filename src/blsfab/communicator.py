@@ -6,10 +6,9 @@ rings are, timeouts, and bootstrap. The transport is blsfab._core.RingEngine.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from . import _core
 from . import provider as _provider
@@ -154,37 +153,21 @@ class Communicator:
             self._flush_chain()
         return req
 
-    def _post(self, requests: List[Request]) -> None:
-        self._engine.post(requests, self.timeout)
-        self._engine.wait_heard(requests[-1].iteration + 1 - self.bound, self.timeout)
-
     def _flush_chain(self) -> None:
         pending, self._chain = self._chain, []
         if pending:
-            self._post(pending)
+            self._engine.post(pending, self.timeout, self.bound)
 
-    @contextlib.contextmanager
-    def chain(self) -> Iterator["Communicator"]:
-        """Post the alltoallvs issued inside the block together, when it ends:
-        their messages to each peer travel packed in one write (split over
-        several slots only when they exceed ``slot_bytes``). Each Request still
-        completes and returns its own data. Send buffers must stay unchanged
-        until the block ends. If the block raises, the calls issued before the
-        exception are still posted, so every Request stays valid.
-        Nested chains join the outer one."""
+    def chain(self) -> "Chain":
+        """Post the alltoallvs issued inside ``with comm.chain():`` together when
+        the block ends: their messages to each peer travel packed in one write
+        (split over several slots only when they exceed ``slot_bytes``). Each
+        Request still completes and returns its own data. Send buffers must
+        stay unchanged until the block ends. If the block raises, the calls
+        issued before the exception are still posted, so every Request stays
+        valid. Nested chains join the outer one."""
         self.engine  # raise now if closed
-        if self._chain is not None:
-            yield self
-            return
-        self._chain = []
-        try:
-            yield self
-        finally:
-            try:
-                if self._engine is not None:
-                    self._flush_chain()
-            finally:
-                self._chain = None
+        return Chain(self)
 
     def alltoallv(self, sendbuf, sendcounts: Sequence[int]):
         """Blocking alltoallv: the received data, concatenated in rank order."""
@@ -228,6 +211,33 @@ class Communicator:
         state = "closed" if closed else f"iteration={self._engine.reserved}"
         return (f"<blsfab.Communicator rank={self.rank}/{self.size} bound={self.bound} "
                 f"provider={getattr(self, 'provider', '?')!r} {state}>")
+
+
+class Chain:
+    """The context manager returned by Communicator.chain()."""
+
+    __slots__ = ("comm", "outer")
+
+    def __init__(self, comm: Communicator):
+        self.comm = comm
+        self.outer = False
+
+    def __enter__(self) -> Communicator:
+        comm = self.comm
+        self.outer = comm._chain is None
+        if self.outer:
+            comm._chain = []
+        return comm
+
+    def __exit__(self, *exc) -> None:
+        if not self.outer:
+            return
+        comm = self.comm
+        try:
+            if comm._engine is not None and not comm._engine.closed:
+                comm._flush_chain()
+        finally:
+            comm._chain = None
 
 
 def _make_bootstrap(mpi_comm, store, rank, size, bootstrap):

@@ -395,9 +395,10 @@ class ProcessGroupBlsfab(dist.ProcessGroup):
 
     # ---- progress ----------------------------------------------------------------------
     #
-    # Every use of the communicator holds self._lock (the engine is not
-    # thread-safe). Works finish under the lock; their futures are completed
-    # after it is released, by whoever finished them (_settle).
+    # Every use of the communicator holds self._lock (one thread at a time in
+    # the engine). Works finish under the lock; their futures are completed
+    # after it is released (their callbacks may call the group again), by the
+    # thread that finished them: see _claim_locked and Work._complete_future.
 
     def _poll_locked(self, finished: list) -> None:
         """Try every pending work once; move the finished ones to ``finished``."""

@@ -165,7 +165,7 @@ cdef class RingEngine:
     # progress="thread": a thread polls between calls; every entry point then
     # holds this mutex, and the thread takes it for one poll at a time.
     cdef pthread_mutex_t mutex
-    cdef bint threaded
+    cdef readonly bint threaded
     cdef bint thread_stop
     cdef object thread
     cdef uint32_t spin_mask             # empty polls between yields, minus one
@@ -839,10 +839,13 @@ cdef class RingEngine:
         self.thread = None
         self.threaded = False
 
-    def post(self, list requests not None, double timeout):
-        """Post prepared Requests as consecutive iterations, packed per peer."""
+    def post(self, list requests not None, double timeout, int64_t bound=-1):
+        """Post prepared Requests as consecutive iterations, packed per peer;
+        with ``bound`` >= 0, then wait until every peer has posted the last of
+        them minus ``bound``."""
         cdef int m = len(requests)
         cdef int k, rc
+        cdef int64_t need
         cdef SendItem* items
         cdef Request req
         cdef double deadline = monotonic() + timeout
@@ -868,6 +871,15 @@ cdef class RingEngine:
             free(items)
             for k in range(m):
                 (<Request>requests[k]).release_send()
+        if bound >= 0:
+            need = self.posted - bound
+            if self.min_heard() < need:
+                with nogil:
+                    self.lock()
+                    rc = self.wait_heard_nogil(need, deadline)
+                    self.unlock()
+                self._raise_bound(rc, need, timeout)
+            self.note_lead()
 
     def wait_heard(self, int64_t need, double timeout):
         """Block, progressing, until every peer has posted ``need`` iterations.
@@ -890,11 +902,14 @@ cdef class RingEngine:
         cdef int64_t need
         cdef double deadline
         self._check_open()
-        self.lock()
-        try:
+        if not self.threaded:
             req = Request._create(self, sendbuf, sendcounts)
-        finally:
-            self.unlock()
+        else:
+            self.lock()
+            try:
+                req = Request._create(self, sendbuf, sendcounts)
+            finally:
+                self.unlock()
         deadline = monotonic() + timeout
         # Keep the GIL for short work: releasing it costs more than a small post.
         if req.send_bytes < NOGIL_BYTES and not self.threaded:
@@ -1014,6 +1029,8 @@ cdef class RingEngine:
         """Validate one iteration's arguments and reserve its iteration number.
         Nothing is sent: pass the Request to post()."""
         self._check_open()
+        if not self.threaded:
+            return Request._create(self, sendbuf, sendcounts)
         self.lock()
         try:
             return Request._create(self, sendbuf, sendcounts)

@@ -36,6 +36,9 @@ cdef class Request:
         cdef int j
         cdef int64_t c, total = 0, nbytes, largest = 0
         cdef int64_t largest_rank = 0
+        cdef Py_ssize_t nsend
+        cdef int typenum
+        cdef list as_list = None
         self.dtype = describe_buffer(sendbuf, &view)
         try:
             nsend = len(sendcounts)
@@ -47,8 +50,10 @@ cdef class Request:
         self.counts_displs = <int64_t*>malloc(2 * size * sizeof(int64_t))
         if self.counts_displs == NULL:
             raise MemoryError()
+        if type(sendcounts) is list:
+            as_list = <list>sendcounts  # indexed without a Python call
         for j in range(size):
-            c = sendcounts[j]
+            c = as_list[j] if as_list is not None else sendcounts[j]
             if c < 0:
                 raise ValueError(f"sendcounts[{j}] = {c} is negative")
             self.counts_displs[j] = c
@@ -171,12 +176,14 @@ cdef class Request:
         seconds (default: the communicator's timeout)."""
         cdef int rc
         cdef double deadline
+        cdef double limit
         if self.result is not None:
             return self.result
         self.check_usable()
         if not self.is_detached():
             self.engine._check_open()
-            deadline = monotonic() + (self.engine_timeout() if timeout is None else timeout)
+            limit = self.engine.default_timeout if timeout is None else timeout
+            deadline = monotonic() + limit
             with nogil:
                 self.engine.lock()
                 rc = self.engine.wait_state(self.state, deadline)
@@ -185,23 +192,21 @@ cdef class Request:
                 missing = [s for s in range(self.state.nranks) if not self.state.have[s]]
                 raise BlsTimeoutError(
                     f"rank {self.engine.rank}: iteration {self.iteration} incomplete after "
-                    f"{timeout if timeout is not None else self.engine_timeout():g} s; no "
-                    f"message yet from ranks {missing} (not posted, or stopped)",
+                    f"{limit:g} s; no message yet from ranks {missing} (not posted, or stopped)",
                     iteration=self.iteration, ranks=missing)
             self.engine._raise(rc, self.iteration)
-        self.check_usable()
+            self.check_usable()
         self.finish()
         return self.result
 
     cdef bint is_detached(self):
         cdef bint done
+        if not self.engine.threaded:
+            return self.state.detached
         self.engine.lock()
         done = self.state.detached
         self.engine.unlock()
         return done
-
-    cdef double engine_timeout(self):
-        return self.engine.default_timeout
 
     @property
     def recvcounts(self):
