@@ -150,10 +150,18 @@ class BLS(Backend):
     synchronous = False
 
     def __init__(self, comm: Any, bound: int, slot_bytes: int, provider: Optional[str],
-                 timeout: float, poll_s: float = 0.0) -> None:
+                 timeout: float, poll_s: float = 0.0, progress: Optional[str] = None) -> None:
         blsfab = import_blsfab()
-        self.comm = blsfab.Communicator(comm, bound=bound, slot_bytes=slot_bytes,
-                                        provider=provider, timeout=timeout)
+        kwargs: Dict[str, Any] = dict(bound=bound, slot_bytes=slot_bytes, provider=provider,
+                                      timeout=timeout)
+        if progress is not None:  # only when asked: older blsfab has no progress= option
+            kwargs["progress"] = progress
+        try:
+            self.comm = blsfab.Communicator(comm, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - add what we asked for, keep the cause
+            args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            raise RuntimeError(f"blsfab.Communicator({args}) failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
         self.timeout = timeout
         self.poll_s = poll_s
         self._closed = False
@@ -200,12 +208,14 @@ class BLS(Backend):
 
 
 def make_backend(name: str, comm: Any, bound: int, slot_bytes: int,
-                 provider: Optional[str], timeout: float, poll_s: float = 0.0) -> Backend:
-    """``poll_s`` > 0 makes the nonblocking backends wait by test-and-sleep."""
+                 provider: Optional[str], timeout: float, poll_s: float = 0.0,
+                 bls_progress: Optional[str] = None) -> Backend:
+    """``poll_s`` > 0 makes the nonblocking backends wait by test-and-sleep;
+    ``bls_progress`` is blsfab's ``progress=`` ("poll" or "thread"; None: its default)."""
     if name == "mpi":
         return MPIBlocking(comm)
     if name == "mpi-bls":
         return MPINonblocking(comm, poll_s)
     if name == "bls":
-        return BLS(comm, bound, slot_bytes, provider, timeout, poll_s)
+        return BLS(comm, bound, slot_bytes, provider, timeout, poll_s, bls_progress)
     raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {name!r}")

@@ -10,6 +10,7 @@ import argparse
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,7 +33,7 @@ DEFAULTS: Dict[str, Any] = {
 }
 # --demo: a ~1 minute comparison under random delays (explicit flags still win).
 DEMO_DEFAULTS: Dict[str, Any] = {
-    "rows_cap": 100000, "batch_size": 512, "num_batches": 600, "warmup": 10,
+    "rows_cap": 100000, "batch_size": 256, "num_batches": 800, "warmup": 10,
     "backend": "mpi,mpi-bls,bls", "bound": "8", "delay_ms": "0:10",
 }
 
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--placement", choices=PLACEMENTS, help="table placement (contiguous)")
     d.add_argument("--provider", help="libfabric provider for bls (library default)")
     d.add_argument("--timeout", type=float, help="bls wait timeout in seconds (60)")
+    d.add_argument("--bls-progress", choices=("poll", "thread"),
+                   help="blsfab progress mode (library default, see BLSFAB_PROGRESS)")
     d.add_argument("--threads", type=int, help="torch threads per rank (1)")
     d.add_argument("--poll-us", type=float, metavar="US",
                    help="mpi-bls/bls: wait by testing every US microseconds and sleeping in "
@@ -145,6 +148,9 @@ def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]
         raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.slow_rank is not None and not 0 <= args.slow_rank < world:
         raise UsageError(f"--slow-rank {args.slow_rank} is not a rank of this {world}-rank job")
+    if (args.slow_rank is None) != (not args.slow_ms):
+        raise UsageError(f"--slow-rank and --slow-ms go together (got --slow-rank "
+                         f"{args.slow_rank}, --slow-ms {args.slow_ms:g})")
     if args.table_pooling and args.pooling != "1":
         raise UsageError("use either --pooling or --table-pooling, not both")
     if args.data and args.dataset != "criteo-kaggle":
@@ -155,6 +161,12 @@ def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]
         raise UsageError("--rows-cap cannot be combined with --load-model: the checkpoint fixes "
                          "the table sizes")
     runs = len(backends) * len(bounds)
+    if args.save_predictions:
+        try:
+            args.save_predictions.format(backend="mpi", bound=0, run=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UsageError(f"--save-predictions {args.save_predictions!r}: only {{backend}}, "
+                             f"{{bound}} and {{run}} may appear in braces ({exc!r})") from None
     if args.save_predictions and runs > 1 and not any(
             f"{{{k}}}" in args.save_predictions for k in ("backend", "bound", "run")):
         raise UsageError(f"{runs} runs would overwrite --save-predictions "
@@ -192,16 +204,18 @@ def build_source(args: argparse.Namespace, arch: ModelArch) -> Source:
 
 
 def plan_runs(args: argparse.Namespace, backends: List[str], bounds: List[int],
-              rank0_print: Any) -> List[RunSpec]:
+              verbose: bool) -> List[RunSpec]:
     delay = parse_float_range(args.delay_ms, "--delay-ms") if args.delay_ms else None
     runs: List[RunSpec] = []
     if args.demo:
         if "bls" in backends and not blsfab_available():
-            rank0_print("demo: blsfab is not importable yet; skipping the bls backend")
+            if verbose:
+                print("demo: blsfab does not import; skipping the bls backend", flush=True)
             backends = [b for b in backends if b != "bls"]
-        if delay:
-            runs.append(RunSpec("mpi", 0, min(args.num_batches, 200), args.warmup, None,
-                                label="mpi no delay (compute)"))
+        if delay:  # no-delay runs first: they measure the compute the models build on
+            for b in backends:
+                runs.append(RunSpec(b, bounds[-1], args.num_batches, args.warmup, None,
+                                    label=f"{b} bound={bounds[-1]} no delay"))
     for b in backends:
         for k in bounds:
             runs.append(RunSpec(b, k, args.num_batches, args.warmup, delay, args.slow_rank,
@@ -226,14 +240,27 @@ def _labels(source: Source, n: int) -> Optional[np.ndarray]:
     return np.concatenate([source.labels(b) for b in range(n)])
 
 
-def run_all(args: argparse.Namespace, comm: Any, phase: Dict[str, bool]) -> int:
-    """Set up, then run every planned run; ``phase["running"]`` marks the end of setup."""
+@dataclass
+class Job:
+    """Everything set up for one MPI job: model, data, layout and the runs to make."""
+
+    args: argparse.Namespace
+    comm: Any
+    arch: ModelArch
+    source: Source
+    tables: List[List[int]]
+    slot_bytes: int
+    runs: List[RunSpec]
+    runner: Runner
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+
+def setup(args: argparse.Namespace, comm: Any) -> Job:
+    """Validate options, build the model shard and the inputs; no exchange happens here."""
     rank, size = comm.Get_rank(), comm.Get_size()
-
-    def say(msg: str) -> None:
-        if rank == 0:
-            print(msg, flush=True)
-
     backends, bounds = validate(args, size)
     torch.set_num_threads(args.threads)
     arch, state = build_arch(args)
@@ -243,68 +270,83 @@ def run_all(args: argparse.Namespace, comm: Any, phase: Dict[str, bool]) -> int:
     if state is not None:
         model = DLRM.from_state_dict(arch, layout.my_tables, state, args.chunk)
         ignored = unused_keys(state, arch)
-        if ignored:
-            say(f"note: ignoring checkpoint entries {', '.join(ignored[:8])}"
-                + (" ..." if len(ignored) > 8 else ""))
-        del state
+        if ignored and rank == 0:
+            print(f"note: ignoring checkpoint entries {', '.join(ignored[:8])}"
+                  + (" ..." if len(ignored) > 8 else ""), flush=True)
     else:
         model = DLRM.from_seed(arch, layout.my_tables, args.seed, args.chunk)
     max_batch = max(source.size_of(b) for b in range(source.num_batches))
-    slot_bytes = slot_bytes_for(layout.max_message_bytes(max_batch))
-    runs = plan_runs(args, backends, bounds, say)
-    cap = f", rows cap {args.rows_cap}" if args.rows_cap else ""
-    say(f"dlrm_adapter: {args.dataset}, {arch.num_tables} tables{cap}, {size} rank(s), "
-        f"global batch {args.batch_size}, placement {args.placement}: tables per rank "
-        f"{[len(t) for t in tables]}")
-
+    runs = plan_runs(args, backends, bounds, rank == 0)
     runner = Runner(comm, model, layout, source, args.seed, progress=not args.no_progress)
     longest = max(spec.num_batches for spec in runs)
     args.prefetched = runner.prefetch(longest, int(args.prefetch_mb * 2**20))
-    phase["running"] = True
+    if rank == 0:
+        cap = f", rows cap {args.rows_cap}" if args.rows_cap else ""
+        print(f"dlrm_adapter: {args.dataset}, {arch.num_tables} tables{cap}, {size} rank(s), "
+              f"global batch {args.batch_size}, placement {args.placement}: tables per rank "
+              f"{[len(t) for t in tables]}", flush=True)
+    return Job(args, comm, arch, source, tables,
+               slot_bytes_for(layout.max_message_bytes(max_batch)), runs, runner)
+
+
+def execute(job: Job) -> int:
+    """Make every run in sequence; rank 0 reports each and then compares them."""
+    args, source = job.args, job.source
     summaries: List[Dict[str, Any]] = []
     json_runs: List[Dict[str, Any]] = []
-    for i, spec in enumerate(runs):
-        backend = make_backend(spec.backend, comm, spec.bound, slot_bytes, args.provider,
-                               args.timeout, args.poll_us / 1e6)
+    for i, spec in enumerate(job.runs):
+        backend = make_backend(spec.backend, job.comm, spec.bound, job.slot_bytes,
+                               args.provider, args.timeout, args.poll_us / 1e6,
+                               args.bls_progress)
         try:
-            res: RankResult = runner.run(spec, backend)
+            res: RankResult = job.runner.run(spec, backend)
         finally:
             backend.close()
-        ranks = comm.gather(res.__dict__, root=0)
-        if rank != 0:
+        ranks = job.comm.gather(res.__dict__, root=0)
+        if job.rank != 0:
             continue
         n = spec.num_batches
         preds = _gather_predictions(ranks, n)
         samples = sum(source.size_of(b) for b in range(n))
         s = summarize(spec, ranks, samples, preds, _labels(source, n), backend.synchronous)
         summaries.append(s)
-        print(format_summary(s), flush=True)
+        if args.demo:
+            print(f"done: {s['label']}: {s['per_batch_ms']:.2f} ms/batch", flush=True)
+        else:
+            print(format_summary(s), flush=True)
         if args.save_predictions:
-            path = args.save_predictions.format(backend=spec.backend, bound=spec.bound, run=i)
-            np.save(path, preds)
+            np.save(args.save_predictions.format(backend=spec.backend, bound=spec.bound, run=i),
+                    preds)
         json_runs.append({"summary": s, "ranks": [{k: v for k, v in r.items() if k != "preds"}
                                                   for r in ranks]})
-
-    if rank == 0:
-        models: Dict[str, float] = {}
-        base = next((s for s in summaries if s["label"] == "mpi no delay (compute)"), None)
-        if base and args.delay_ms:
-            lo, hi = parse_float_range(args.delay_ms, "--delay-ms")
-            compute = base["per_batch_ms"]
-            models = {"compute_ms": compute, "ideal_ms": compute + (lo + hi) / 2,
-                      "sync_ms": compute + _expected_max_uniform(lo, hi, size)}
-        if len(summaries) > 1:
-            print(format_comparison(summaries, models.get("ideal_ms"), models.get("sync_ms")),
-                  flush=True)
-        if args.json:
-            config = {k: v for k, v in vars(args).items()}
-            config.update({
-                "world_size": size, "arch": arch.__dict__, "tables_per_rank": tables,
-                "slot_bytes": slot_bytes, "torch": torch.__version__,
-                "python": platform.python_version(), "mkl_cbwr": os.environ.get("MKL_CBWR"),
-            })
-            write_json(args.json, {"config": config, "models": models, "runs": json_runs})
+    if job.rank == 0:
+        _final_report(job, summaries, json_runs)
     return 0
+
+
+def _final_report(job: Job, summaries: List[Dict[str, Any]],
+                  json_runs: List[Dict[str, Any]]) -> None:
+    args, size = job.args, job.comm.Get_size()
+    models: Dict[str, Any] = {}
+    base = [s for s in summaries if s["label"].endswith(" no delay")]
+    if base and args.delay_ms:
+        lo, hi = parse_float_range(args.delay_ms, "--delay-ms")
+        compute = min(s["per_batch_ms"] for s in base)
+        models = {"compute_ms": compute, "ideal_ms": compute + (lo + hi) / 2,
+                  "sync_ms": compute + _expected_max_uniform(lo, hi, size),
+                  "compute_by_backend_ms": {s["backend"]: s["per_batch_ms"] for s in base}}
+    if len(summaries) > 1:
+        print(format_comparison(summaries, models.get("ideal_ms"), models.get("sync_ms")),
+              flush=True)
+    if args.json:
+        config = dict(vars(args))
+        config.update({
+            "world_size": size, "arch": job.arch.__dict__, "tables_per_rank": job.tables,
+            "mean_lookups_per_table": job.source.mean_lookups(), "slot_bytes": job.slot_bytes,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        })
+        write_json(args.json, {"config": config, "models": models, "runs": json_runs})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -312,19 +354,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mpi4py import MPI  # after argparse, so --help works without MPI
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    phase = {"running": False}
     try:
-        return run_all(args, comm, phase)
+        job = setup(args, comm)
     except (ValueError, FileNotFoundError) as exc:
-        if not phase["running"]:
-            # Configuration problems are hit identically by every rank before any exchange.
-            if rank == 0:
-                print(f"dlrm_adapter: error: {exc}", file=sys.stderr, flush=True)
-            return 2
-        print(f"dlrm_adapter: rank {rank}: error: {exc}", file=sys.stderr, flush=True)
-        if size > 1:
-            comm.Abort(1)
-        return 1
+        # Bad options or inputs: every rank hits the same error before any exchange.
+        if rank == 0:
+            print(f"dlrm_adapter: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return execute(job)
     except Exception as exc:  # noqa: BLE001 - one rank failing must not hang the others
         print(f"dlrm_adapter: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)

@@ -142,14 +142,20 @@ def format_summary(s: Dict[str, Any]) -> str:
 
 def format_comparison(summaries: List[Dict[str, Any]], ideal_ms: Optional[float] = None,
                       sync_ms: Optional[float] = None) -> str:
-    """One row per run; ratios to the first ``mpi`` run and to the ideal when known."""
-    ref = next((s["per_batch_ms"] for s in summaries if s["backend"] == "mpi" and s["delay_ms"]),
-               None) or next((s["per_batch_ms"] for s in summaries if s["backend"] == "mpi"), None)
+    """One row per run; ratios to the ``mpi`` run with the same delay (and bound, if there is
+    one) and, for delayed runs, to the ideal model when known."""
+    def reference(s: Dict[str, Any]) -> Optional[float]:
+        same = [m for m in summaries if m["backend"] == "mpi" and m["delay_ms"] == s["delay_ms"]]
+        exact = [m for m in same if m["bound"] == s["bound"]]
+        pick = (exact or same or [None])[0]
+        return pick["per_batch_ms"] if pick else None
+
     head = ["run", "ms/batch", "median", "p95", "p99", "samples/s", "blocked", "lag",
             "vs mpi", "vs ideal", "sha256"]
     body = []
     for s in summaries:
         bt = s["batch_time_ms"]
+        ref = reference(s)
         body.append([
             s["label"], f"{s['per_batch_ms']:.2f}", f"{bt['median']:.2f}", f"{bt['p95']:.2f}",
             f"{bt['p99']:.2f}", f"{s['throughput_sps']:.0f}",
@@ -165,8 +171,9 @@ def format_comparison(summaries: List[Dict[str, Any]], ideal_ms: Optional[float]
     if ideal_ms is not None and sync_ms is not None:
         lines.append(f"models: synchronous = compute + E[max of P delays] = {sync_ms:.2f} ms; "
                      f"ideal = compute + mean delay = {ideal_ms:.2f} ms")
-    same = len({s["predictions_sha256"] for s in summaries}) == 1
-    lines.append("predictions identical across runs: " + ("yes" if same else "NO"))
+    same = len({(s["batches"], s["predictions_sha256"]) for s in summaries}) == 1
+    if len({s["batches"] for s in summaries}) == 1:
+        lines.append("predictions identical across runs: " + ("yes" if same else "NO"))
     return "\n".join(lines)
 
 

@@ -90,8 +90,6 @@ class Runner:
         self.progress = progress and self.rank == 0
         self._inputs: Optional[List[Tuple[int, int, LocalBatch]]] = None
 
-    # -------------------------------------------------------------- one step
-
     # -------------------------------------------------------------- inputs
 
     def _make_input(self, b: int) -> Tuple[int, int, LocalBatch]:
@@ -121,8 +119,8 @@ class Runner:
 
     # -------------------------------------------------------------- one step
 
-    def _start(self, b: int, backend: Backend, res: RankResult) -> _Pending:
-        t0 = time.perf_counter()
+    def _start(self, b: int, backend: Backend, res: RankResult, t0: float) -> _Pending:
+        """Steps 2-4: pooled embeddings, start the exchange, bottom MLP (``t0``: step start)."""
         lo, hi, lb = self._input(b)
         size = lb.size
         send = self.model.apply_emb(lb.sparse, size).reshape(-1)
@@ -133,6 +131,7 @@ class Runner:
         return _Pending(b, handle, x, lo, t0)
 
     def _finish(self, p: _Pending, backend: Backend, res: RankResult, keep: bool) -> None:
+        """Step 5 for the oldest batch: wait, interaction, top MLP -> predictions."""
         tw = time.perf_counter()
         flat = backend.finish(p.handle)
         res.blocked_s += time.perf_counter() - tw
@@ -156,9 +155,7 @@ class Runner:
                 time.sleep(pause)
                 if keep:
                     res.slept_s += time.perf_counter() - t0
-            pending = self._start(b, backend, res)
-            pending.t_start = t0
-            fifo.append(pending)
+            fifo.append(self._start(b, backend, res, t0))
             res.max_fifo = max(res.max_fifo, len(fifo))
             if not backend.synchronous:
                 backend.poke(fifo[0].handle)

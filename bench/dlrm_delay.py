@@ -1,0 +1,101 @@
+"""Per-batch time vs bound k under random per-rank delays, for every backend.
+
+    python bench/dlrm_delay.py            # P=4, --delay-ms 0:10, k = 0..10
+
+Each rank sleeps U[A, B] ms every batch.  Two reference lines:
+  synchronous model = compute + E[max of P uniform delays] = compute + A + (B-A) P/(P+1)
+  ideal             = compute + mean delay                 = compute + (A+B)/2
+where compute is the smallest per-batch time of the backends in a no-delay run.  Writes
+bench/results/dlrm_delay.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dlrm_common import (REPO, adapter_args, backends_to_run, brief, common_args,  # noqa: E402
+                         plot_path, pyplot, run_job, save_json, warn_if_busy)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    common_args(p)
+    p.add_argument("--delay-ms", default="0:10")
+    p.add_argument("--max-bound", type=int, default=10)
+    p.add_argument("--backends", default="mpi,mpi-bls,bls")
+    a = p.parse_args()
+    warn_if_busy()
+    lo, hi = (float(v) for v in a.delay_ms.split(":"))
+    P = a.ranks
+    bounds = ",".join(str(k) for k in range(a.max_bound + 1))
+
+    backends = backends_to_run(a.backends.split(","))
+    # compute: per-batch time without delays, at the largest bound, best backend (with more
+    # ranks than cores the blocking backend also pays for ranks contending for cores)
+    base = run_job(P, adapter_args(a, ["--backend", ",".join(backends),
+                                       "--bound", str(a.max_bound)]))
+    compute_by_backend = {r["summary"]["backend"]: r["summary"]["per_batch_ms"]
+                          for r in base["runs"]}
+    compute = min(compute_by_backend.values())
+    sync = compute + lo + (hi - lo) * P / (P + 1)
+    ideal = compute + (lo + hi) / 2
+
+    series = {}
+    for backend in backends:
+        job = run_job(P, adapter_args(a, ["--backend", backend, "--bound", bounds,
+                                          "--delay-ms", a.delay_ms]))
+        series[backend] = [brief(r) for r in job["runs"]]
+    digests = {r["sha256"] for runs in series.values() for r in runs}
+    digests |= {r["summary"]["predictions_sha256"] for r in base["runs"]}
+
+    print("\nno-delay per-batch time: " + ", ".join(f"{b} {v:.2f} ms"
+                                                  for b, v in compute_by_backend.items()))
+    print(f"compute {compute:.2f} ms   synchronous model {sync:.2f} ms   ideal {ideal:.2f} ms")
+    print(f"{'k':>3} " + " ".join(f"{b:>10}" for b in series))
+    for k in range(a.max_bound + 1):
+        print(f"{k:>3} " + " ".join(f"{series[b][k]['per_batch_ms']:>10.2f}" for b in series))
+    checks = {}
+    if "bls" in series and "mpi" in series:
+        for k in range(8, a.max_bound + 1):
+            bls, mpi = series["bls"][k]["per_batch_ms"], series["mpi"][k]["per_batch_ms"]
+            checks[k] = {"bls_over_ideal": bls / ideal, "bls_over_mpi": bls / mpi,
+                         "ok": bls <= 1.15 * ideal and bls <= 0.75 * mpi}
+            print(f"k={k}: bls/ideal {bls / ideal:.3f} (target <= 1.15), bls/mpi "
+                  f"{bls / mpi:.3f} (target <= 0.75) -> {'ok' if checks[k]['ok'] else 'MISSED'}")
+    print("predictions identical in every run:", "yes" if len(digests) == 1 else "NO")
+
+    save_json("dlrm_delay.json", {
+        "ranks": P, "delay_ms": [lo, hi], "batch_size": a.batch_size,
+        "num_batches": a.num_batches, "rows_cap": a.rows_cap, "poll_us": a.poll_us,
+        "compute_ms": compute, "compute_by_backend_ms": compute_by_backend,
+        "sync_model_ms": sync, "ideal_ms": ideal,
+        "series": series, "targets_k_ge_8": checks, "identical_predictions": len(digests) == 1,
+        "config": base["config"],
+    })
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ks = list(range(a.max_bound + 1))
+    for backend, runs in series.items():
+        ax.plot(ks, [r["per_batch_ms"] for r in runs], marker="o", label=backend)
+    ax.axhline(sync, color="gray", linestyle="--",
+               label=f"synchronous model: compute + E[max of {P}] ({sync:.1f} ms)")
+    ax.axhline(ideal, color="black", linestyle=":",
+               label=f"ideal: compute + mean delay ({ideal:.1f} ms)")
+    ax.set_xlabel("bound k")
+    ax.set_ylabel("per-batch time (ms, wall / batches)")
+    ax.set_title(f"DLRM inference, P={P}, delay U[{lo:g},{hi:g}] ms per rank and batch")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = plot_path("dlrm_delay.png")
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
