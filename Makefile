@@ -15,10 +15,10 @@ test: setup
 	$(PYTHON) -m pytest -q tests
 
 demo: setup
-	$(MPIRUN) $(PYTHON) -m blsfab.demo
+	$(MPIRUN) $(PYTHON) -m dlrm_adapter --demo
 
 engine-demo: setup
-	$(MPIRUN) $(PYTHON) -m blsfab.demo
+	$(MPIRUN) $(PYTHON) -m dlrm_adapter --demo
 
 clean:
 	rm -rf build src/*.egg-info src/blsfab/_core.c src/blsfab/_core*.so

@@ -326,6 +326,8 @@ def worker(rank, size, port):
     assert dist.get_backend() == "blsfab"
     pg = dist.distributed_c10d._get_default_group()
     assert pg.communicator.bound == 3 and pg.communicator.slot_bytes == 4096
+    wanted = {"shm": "shm", "tcp": "tcp;ofi_rxm"}[os.environ["BLSFAB_PROVIDER"]]
+    assert pg.communicator.provider == wanted, pg.communicator.provider
     ctx = Ctx(rank, size, dist.new_group(backend="gloo"))
     print(f"rank {rank}: set-up {time.perf_counter() - t0:.2f} s", flush=True)
     for fn in CHECKS:
