@@ -12,7 +12,8 @@ import numpy as np
 
 
 class ProgressBar:
-    """A one-line ``[#####.....] i/n`` bar on stderr, redrawn at most 10 times a second."""
+    """A one-line ``[#####.....] i/n`` bar on stderr, redrawn at most 10 times a
+    second on a terminal; in a log (not a TTY), one line every 5 seconds."""
 
     def __init__(self, total: int, label: str, enabled: bool = True,
                  stream: Optional[TextIO] = None, width: int = 30) -> None:
@@ -25,20 +26,26 @@ class ProgressBar:
         self._last = 0.0
         self._i = 0
         self._drawn = -1
+        self._drawn_once = False
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._every = 0.1 if self._tty else 5.0
 
     def update(self, i: int) -> None:
         self._i = i
         if not self.enabled:
             return
         now = time.perf_counter()
-        if i < self.total and now - self._last < 0.1:
+        if i < self.total and now - self._last < self._every:
             return
         self._last = now
         self._drawn = i
         fill = int(self.width * i / self.total)
         rate = (now - self.t0) / i * 1000.0 if i else 0.0
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] "
+        # Redraw in place on a terminal; in a log, one line per update.
+        prefix = "\r" if self._tty else ("\n" if self._drawn_once else "")
+        self.stream.write(f"{prefix}{self.label} [{'#' * fill}{'.' * (self.width - fill)}] "
                           f"{i}/{self.total} {rate:6.2f} ms/batch")
+        self._drawn_once = True
         self.stream.flush()
 
     def close(self) -> None:
