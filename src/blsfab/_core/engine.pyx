@@ -845,7 +845,6 @@ cdef class RingEngine:
         them minus ``bound``."""
         cdef int m = len(requests)
         cdef int k, rc
-        cdef int64_t need
         cdef SendItem* items
         cdef Request req
         cdef double deadline = monotonic() + timeout
@@ -872,44 +871,42 @@ cdef class RingEngine:
             for k in range(m):
                 (<Request>requests[k]).release_send()
         if bound >= 0:
-            need = self.posted - bound
-            if self.min_heard() < need:
-                with nogil:
-                    self.lock()
-                    rc = self.wait_heard_nogil(need, deadline)
-                    self.unlock()
-                self._raise_bound(rc, need, timeout)
-            self.note_lead()
+            self._await_heard(self.posted - bound, deadline, timeout)
 
     def wait_heard(self, int64_t need, double timeout):
         """Block, progressing, until every peer has posted ``need`` iterations.
         Returns the lead: iterations posted here beyond the slowest peer."""
-        cdef int rc
-        cdef double deadline = monotonic() + timeout
         self._check_open()
-        with nogil:
-            self.lock()
-            rc = self.wait_heard_nogil(need, deadline)
-            self.unlock()
-        self._raise_bound(rc, need, timeout)
+        return self._await_heard(need, monotonic() + timeout, timeout)
+
+    cdef int64_t _await_heard(self, int64_t need, double deadline, double timeout) except? -1:
+        """The bounded-lag wait; returns the lead it leaves."""
+        cdef int rc
+        if self.min_heard() < need:
+            with nogil:
+                self.lock()
+                rc = self.wait_heard_nogil(need, deadline)
+                self.unlock()
+            self._raise_bound(rc, need, timeout)
         return self.note_lead()
+
+    cdef Request _new_request(self, object sendbuf, object sendcounts):
+        if not self.threaded:
+            return Request._create(self, sendbuf, sendcounts)
+        self.lock()
+        try:
+            return Request._create(self, sendbuf, sendcounts)
+        finally:
+            self.unlock()
 
     def ialltoallv(self, object sendbuf, object sendcounts, int64_t bound, double timeout):
         """The unchained fast path in one call: validate, post, then wait until
         every peer has posted this iteration minus ``bound``."""
         cdef Request req
         cdef int rc
-        cdef int64_t need
         cdef double deadline
         self._check_open()
-        if not self.threaded:
-            req = Request._create(self, sendbuf, sendcounts)
-        else:
-            self.lock()
-            try:
-                req = Request._create(self, sendbuf, sendcounts)
-            finally:
-                self.unlock()
+        req = self._new_request(sendbuf, sendcounts)
         deadline = monotonic() + timeout
         # Keep the GIL for short work: releasing it costs more than a small post.
         if req.send_bytes < NOGIL_BYTES and not self.threaded:
@@ -921,14 +918,7 @@ cdef class RingEngine:
                 self.unlock()
         req.release_send()
         self._raise(rc, req.iteration, "posting")
-        need = req.iteration + 1 - bound
-        if self.min_heard() < need:
-            with nogil:
-                self.lock()
-                rc = self.wait_heard_nogil(need, deadline)
-                self.unlock()
-            self._raise_bound(rc, need, timeout)
-        self.note_lead()
+        self._await_heard(req.iteration + 1 - bound, deadline, timeout)
         return req
 
     cdef int _raise_bound(self, int rc, int64_t need, double timeout) except -1:
@@ -1029,13 +1019,7 @@ cdef class RingEngine:
         """Validate one iteration's arguments and reserve its iteration number.
         Nothing is sent: pass the Request to post()."""
         self._check_open()
-        if not self.threaded:
-            return Request._create(self, sendbuf, sendcounts)
-        self.lock()
-        try:
-            return Request._create(self, sendbuf, sendcounts)
-        finally:
-            self.unlock()
+        return self._new_request(sendbuf, sendcounts)
 
 
 def imm_encode(uint32_t kind, uint32_t rank, uint64_t count):
