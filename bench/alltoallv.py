@@ -57,7 +57,7 @@ def worker(args) -> None:
         key = (bound, slot_bytes, progress)
         if key not in comms:
             comms[key] = blsfab.Communicator(bound=bound, slot_bytes=slot_bytes,
-                                             provider=args.provider, timeout=120,
+                                             provider=args.provider, timeout=args.timeout,
                                              chain_threshold=args.chain_threshold,
                                              progress=progress)
         return comms[key]
@@ -263,7 +263,8 @@ def launch(args) -> int:
             cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl", btl,
                    "-np", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--provider", provider, "--json", path, "--repeats", str(args.repeats),
-                   "--chain-threshold", str(args.chain_threshold)] + (["--quick"] if args.quick else [])
+                   "--chain-threshold", str(args.chain_threshold),
+                   "--timeout", str(args.timeout)] + (["--quick"] if args.quick else [])
             print(f"[{time.time() - t_start:6.0f} s] P={P} blsfab {provider} vs Open MPI btl {btl}",
                   flush=True)
             subprocess.run(cmd, env=env, check=True)
@@ -352,6 +353,7 @@ def main() -> int:
     ap.add_argument("--chain-threshold", type=int, default=None,
                     help="blsfab chain_threshold (default: the library's)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--timeout", type=float, default=60.0, help="blsfab wait timeout (s)")
     args = ap.parse_args()
     if args.chain_threshold is None:
         args.chain_threshold = -1

@@ -700,7 +700,9 @@ cdef class RingEngine:
                     k += 1
                 hdr.credit = p.rx_consumed  # piggy-backed credit
                 p.rx_reported = p.rx_consumed
-                rc = self.write_slot(dst, off, j < self.size - 1 or k < m, deadline)
+                # FI_MORE only while more slots for this same peer follow: a
+                # provider that batches per connection flushes at the last one.
+                rc = self.write_slot(dst, off, k < m, deadline)
                 if rc < 0:
                     return rc
         self.posted += m
@@ -890,14 +892,6 @@ cdef class RingEngine:
             self._raise_bound(rc, need, timeout)
         return self.note_lead()
 
-    cdef Request _new_request(self, object sendbuf, object sendcounts):
-        if not self.threaded:
-            return Request._create(self, sendbuf, sendcounts)
-        self.lock()
-        try:
-            return Request._create(self, sendbuf, sendcounts)
-        finally:
-            self.unlock()
 
     def ialltoallv(self, object sendbuf, object sendcounts, int64_t bound, double timeout):
         """The unchained fast path in one call: validate, post, then wait until
@@ -906,7 +900,7 @@ cdef class RingEngine:
         cdef int rc
         cdef double deadline
         self._check_open()
-        req = self._new_request(sendbuf, sendcounts)
+        req = Request._create(self, sendbuf, sendcounts)
         deadline = monotonic() + timeout
         # Keep the GIL for short work: releasing it costs more than a small post.
         if req.send_bytes < NOGIL_BYTES and not self.threaded:
@@ -1019,7 +1013,7 @@ cdef class RingEngine:
         """Validate one iteration's arguments and reserve its iteration number.
         Nothing is sent: pass the Request to post()."""
         self._check_open()
-        return self._new_request(sendbuf, sendcounts)
+        return Request._create(self, sendbuf, sendcounts)
 
 
 def imm_encode(uint32_t kind, uint32_t rank, uint64_t count):

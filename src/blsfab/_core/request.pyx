@@ -70,13 +70,18 @@ cdef class Request:
                 f"the message to rank {largest_rank} is {nbytes} bytes but slot_bytes="
                 f"{engine.slot_bytes} holds at most {engine.slot_bytes - SLOT_OVERHEAD}; "
                 f"create the Communicator with slot_bytes >= {nbytes + SLOT_OVERHEAD}")
+        # Only this touches engine state, so only this holds the engine's lock
+        # (no Python allocation under it: a collected Request would relock).
+        engine.lock()
         cdef int rc = engine.state_for(engine.reserved, &self.state)
+        if rc == RC_OK:
+            self.iteration = engine.reserved
+            engine.reserved += 1
+        engine.unlock()
         if rc < 0:
             self.state = NULL
             engine._raise(rc, engine.reserved)
         self.engine = engine
-        self.iteration = engine.reserved
-        engine.reserved += 1
         self.is_torch = view.is_torch
         self.typenum = -1
         if not view.is_torch:
