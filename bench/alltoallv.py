@@ -126,7 +126,8 @@ def worker(args) -> None:
         for m in BATCH_M:
             sspec, rspec, send = mpi_buffers(nbytes)
             counts = [nbytes] * size
-            bls = comm_for(0, 4096)
+            # Sized for the packed chain: 26 records of up to 512 B fit one slot.
+            bls = comm_for(0, 32768)
 
             def mpi_batch(n, m=m):
                 for _ in range(n):
