@@ -9,17 +9,25 @@ All backends expose the same small interface used by the runner::
 ``send`` is a 1-D contiguous float32 CPU tensor; ``sendcounts[j]`` elements go to
 rank ``j``, laid out in rank order.  ``recvcounts`` is what the runner expects
 to receive (MPI needs it; blsfab learns it from the messages and we check it).
+
+Backends: ``mpi`` (MPI_Alltoallv), ``mpi-bls`` (MPI_Ialltoallv), ``bls``
+(blsfab.Communicator, bootstrapped over MPI or, under ``--launcher torch``, over
+the job's c10d store), ``torch-bls`` (``dist.all_to_all_single(async_op=True)``
+on a process group of backend "blsfab") and ``gloo`` (the same call on a gloo
+group). The last two need torch.distributed, which ``launch.Launch`` sets up.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import time
+from datetime import timedelta
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-BACKENDS = ("mpi", "mpi-bls", "bls")
+BACKENDS = ("mpi", "mpi-bls", "bls", "torch-bls", "gloo")
 
 
 def _displs(counts: Sequence[int]) -> List[int]:
@@ -42,6 +50,10 @@ class Backend:
 
     def poke(self, handle: Any) -> None:
         """Give the library a chance to progress ``handle`` (no-op by default)."""
+
+    def quiesce(self) -> None:
+        """Called with nothing in flight, before a control-plane barrier: make sure no
+        peer still needs this rank's progress (no-op by default)."""
 
     def finish(self, handle: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -150,17 +162,24 @@ class BLS(Backend):
     synchronous = False
 
     def __init__(self, comm: Any, bound: int, slot_bytes: int, provider: Optional[str],
-                 timeout: float, poll_s: float = 0.0, progress: Optional[str] = None) -> None:
+                 timeout: float, poll_s: float = 0.0, progress: Optional[str] = None,
+                 store: Any = None) -> None:
+        """``comm``: an mpi4py communicator (MPI bootstrap); or None with ``store``, a
+        ``(c10d store, rank, size)`` triple (store bootstrap, no MPI)."""
         blsfab = import_blsfab()
         kwargs: Dict[str, Any] = dict(bound=bound, slot_bytes=slot_bytes, provider=provider,
                                       timeout=timeout)
         if progress is not None:  # only when asked: older blsfab has no progress= option
             kwargs["progress"] = progress
+        boot: Dict[str, Any] = {}
+        if store is not None:
+            boot = dict(store=store[0], rank=store[1], size=store[2])
         try:
-            self.comm = blsfab.Communicator(comm, **kwargs)
+            self.comm = blsfab.Communicator(comm, **boot, **kwargs)
         except Exception as exc:  # noqa: BLE001 - add what we asked for, keep the cause
             args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-            raise RuntimeError(f"blsfab.Communicator({args}) failed: "
+            how = " (store bootstrap)" if store is not None else ""
+            raise RuntimeError(f"blsfab.Communicator({args}){how} failed: "
                                f"{type(exc).__name__}: {exc}") from exc
         self.timeout = timeout
         self.poll_s = poll_s
@@ -192,6 +211,11 @@ class BLS(Backend):
             data = torch.from_numpy(data)
         return data
 
+    def quiesce(self) -> None:
+        # One empty exchange, waited on (what blsfab's torch barrier does): with manual
+        # progress (tcp), a rank that stops polling could strand its last writes.
+        self.comm.alltoallv(torch.empty(0, dtype=torch.float32), [0] * self.comm.size)
+
     def max_lag(self) -> Optional[int]:
         return int(self.stats().get("max_lead", 0))
 
@@ -207,15 +231,135 @@ class BLS(Backend):
             self.comm.close()
 
 
-def make_backend(name: str, comm: Any, bound: int, slot_bytes: int,
+class TorchCollective(Backend):
+    """``dist.all_to_all_single(..., async_op=True)`` on a process group of its own,
+    driven through the same FIFO: up to ``bound`` exchanges stay in flight."""
+
+    synchronous = False
+
+    def __init__(self, group: Any, poll_s: float, timeout: float) -> None:
+        self.group = group
+        self.poll_s = poll_s
+        self.timeout = timeout
+        self._closed = False
+
+    def start(self, send: torch.Tensor, sendcounts: Sequence[int],
+              recvcounts: Sequence[int]) -> Tuple[Any, torch.Tensor, torch.Tensor]:
+        import torch.distributed as dist
+        rc = [int(c) for c in recvcounts]
+        recv = torch.empty(sum(rc), dtype=torch.float32)
+        work = dist.all_to_all_single(recv, send, output_split_sizes=rc,
+                                      input_split_sizes=[int(c) for c in sendcounts],
+                                      group=self.group, async_op=True)
+        return work, recv, send  # keep ``send`` alive until completion
+
+    def poke(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> None:
+        handle[0].is_completed()
+
+    def finish(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        work, recv, _ = handle
+        if self.poll_s > 0:
+            deadline = time.monotonic() + self.timeout
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: all_to_all_single incomplete after "
+                                       f"{self.timeout:g} s (raise --timeout if peers are "
+                                       f"merely slow)")
+                time.sleep(self.poll_s)
+        work.wait()
+        return recv
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            import torch.distributed as dist
+            dist.destroy_process_group(self.group)
+
+
+class TorchBLS(TorchCollective):
+    """blsfab through torch.distributed: a process group of backend "blsfab"
+    (``import blsfab.torch``) with the run's bound, slot size and provider."""
+
+    name = "torch-bls"
+
+    def __init__(self, bound: int, slot_bytes: int, provider: Optional[str], timeout: float,
+                 poll_s: float = 0.0, progress: Optional[str] = None) -> None:
+        import_blsfab()
+        try:
+            importlib.import_module("blsfab.torch")  # registers the "blsfab" backend
+        except ImportError as exc:
+            raise RuntimeError(f"backend 'torch-bls' needs blsfab.torch, which failed to "
+                               f"import ({exc})") from None
+        import torch.distributed as dist
+        options: Dict[str, Any] = dict(bound=bound, slot_bytes=slot_bytes, timeout=timeout)
+        if provider:
+            options["provider"] = provider
+        # The group's Communicator reads its progress mode from BLSFAB_PROGRESS.
+        saved = os.environ.get("BLSFAB_PROGRESS")
+        if progress is not None:
+            os.environ["BLSFAB_PROGRESS"] = progress
+        try:
+            group = dist.new_group(backend="blsfab", pg_options=options,
+                                   timeout=timedelta(seconds=max(timeout, 60.0)))
+        except Exception as exc:  # noqa: BLE001 - name what we asked for, keep the cause
+            raise RuntimeError(f"dist.new_group(backend='blsfab', pg_options={options!r}) "
+                               f"failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if progress is not None:
+                if saved is None:
+                    os.environ.pop("BLSFAB_PROGRESS", None)
+                else:
+                    os.environ["BLSFAB_PROGRESS"] = saved
+        super().__init__(group, poll_s, timeout)
+
+    def quiesce(self) -> None:
+        import torch.distributed as dist
+        dist.barrier(group=self.group)  # an empty blsfab iteration, waited on
+
+    def max_lag(self) -> Optional[int]:
+        return int(self.stats().get("max_lead", 0))
+
+    def stats(self) -> Dict[str, Any]:
+        try:
+            return dict(self.group.communicator.stats())
+        except Exception as exc:  # noqa: BLE001 - report, never fail a finished run on stats
+            return {"error": str(exc)}
+
+
+class Gloo(TorchCollective):
+    """gloo's ``all_to_all_single`` with ``async_op=True`` (what the reference DLRM
+    calls), on a gloo group of its own; bound 0 waits in the same step."""
+
+    name = "gloo"
+
+    def __init__(self, timeout: float, poll_s: float = 0.0) -> None:
+        import torch.distributed as dist
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout, 60.0)))
+        super().__init__(group, poll_s, timeout)
+
+
+def make_backend(name: str, launch: Any, bound: int, slot_bytes: int,
                  provider: Optional[str], timeout: float, poll_s: float = 0.0,
                  bls_progress: Optional[str] = None) -> Backend:
-    """``poll_s`` > 0 makes the nonblocking backends wait by test-and-sleep;
-    ``bls_progress`` is blsfab's ``progress=`` ("poll" or "thread"; None: its default)."""
+    """``launch`` is the started job (``dlrm_adapter.launch.Launch``); ``poll_s`` > 0 makes
+    the nonblocking backends wait by test-and-sleep; ``bls_progress`` is blsfab's
+    ``progress=`` ("poll" or "thread"; None: its default)."""
+    if name in ("mpi", "mpi-bls") and launch.mpi_comm is None:
+        raise RuntimeError(f"backend {name!r} needs MPI, which --launcher {launch.name} does "
+                           f"not initialise; use torch-bls, gloo or bls, or start with mpirun")
     if name == "mpi":
-        return MPIBlocking(comm)
+        return MPIBlocking(launch.mpi_comm)
     if name == "mpi-bls":
-        return MPINonblocking(comm, poll_s)
+        return MPINonblocking(launch.mpi_comm, poll_s)
     if name == "bls":
-        return BLS(comm, bound, slot_bytes, provider, timeout, poll_s, bls_progress)
+        if launch.mpi_comm is not None:
+            return BLS(launch.mpi_comm, bound, slot_bytes, provider, timeout, poll_s,
+                       bls_progress)
+        store = (launch.new_store("bls"), launch.rank, launch.size)
+        return BLS(None, bound, slot_bytes, provider, timeout, poll_s, bls_progress, store)
+    if name in ("torch-bls", "gloo"):
+        launch.torch_ready()
+        if name == "gloo":
+            return Gloo(timeout, poll_s)
+        return TorchBLS(bound, slot_bytes, provider, timeout, poll_s, bls_progress)
     raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {name!r}")

@@ -1,7 +1,8 @@
-"""Command line: ``mpirun -np N python -m dlrm_adapter [options]``.
+"""Command line: ``mpirun -np N python -m dlrm_adapter [options]``, or under
+torchrun / by hand with ``--launcher torch`` (see launch.py).
 
 ``--backend`` and ``--bound`` take comma-separated lists; every combination is
-run in sequence inside the same MPI job (same model, same data), which is how
+run in sequence inside the same job (same model, same data), which is how
 ``--demo`` compares backends in one command.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from . import __version__
 from .backends import BACKENDS, blsfab_available, make_backend, slot_bytes_for
 from .config import DATASETS, ModelArch, arch_for
 from .data import (CriteoTSVSource, Pooling, Source, SyntheticSource, parse_float_range)
+from .launch import LAUNCHERS, Launch, LaunchError, check_backends, env_rank, resolve_launcher
+from .launch import start as start_launcher
 from .model import DLRM, arch_from_state_dict, load_checkpoint, unused_keys
 from .report import format_comparison, format_summary, summarize, write_json
 from .runner import RankResult, Runner, RunSpec
@@ -27,15 +30,18 @@ from .sharding import PLACEMENTS, ExchangeLayout, place_tables
 
 DEFAULTS: Dict[str, Any] = {
     "dataset": "criteo-kaggle", "batch_size": 512, "warmup": 5,
-    "seed": 0, "backend": "mpi", "bound": "4", "placement": "contiguous", "pooling": "1",
+    "seed": 0, "bound": "4", "placement": "contiguous", "pooling": "1",
     "slow_ms": 0.0, "timeout": 60.0, "threads": 1, "chunk": 64, "prefetch_mb": 1024.0,
     "poll_us": 0.0,
 }
 # --demo: a ~1 minute comparison under random delays (explicit flags still win).
 DEMO_DEFAULTS: Dict[str, Any] = {
     "rows_cap": 100000, "batch_size": 256, "num_batches": 800, "warmup": 10,
-    "backend": "mpi,mpi-bls,bls", "bound": "8", "delay_ms": "0:10",
+    "bound": "8", "delay_ms": "0:10",
 }
+# --backend when not given, by launcher (plain / --demo).
+DEFAULT_BACKENDS = {"mpi": "mpi", "torch": "gloo"}
+DEMO_BACKENDS = {"mpi": "mpi,mpi-bls,bls", "torch": "gloo,torch-bls,bls"}
 
 
 class UsageError(ValueError):
@@ -46,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dlrm_adapter",
         description="DLRM inference with table-wise sharded embeddings and a bounded-lag "
-                    "alltoallv (run under mpirun).")
+                    "alltoallv (run under mpirun, or torchrun with --launcher torch).")
     a = p.add_argument
     a("--demo", action="store_true",
-      help="compare mpi, mpi-bls and bls under --delay-ms 0:10 with bound 8 (about a minute "
-           "with 4 ranks); other flags override the demo settings")
+      help="compare mpi, mpi-bls and bls (--launcher torch: gloo, torch-bls and bls) under "
+           "--delay-ms 0:10 with bound 8 (about a minute with 4 ranks); other flags override "
+           "the demo settings")
     g = p.add_argument_group("model and data")
     g.add_argument("--dataset", choices=sorted(DATASETS), help="shapes to use (criteo-kaggle)")
     g.add_argument("--data", metavar="PATH", help="Criteo Kaggle TSV file instead of synthetic data")
@@ -74,18 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make each rank's inputs before timing when they fit in MB (1024; "
                         "0: make them inside every step)")
     d = p.add_argument_group("distribution and exchange")
-    d.add_argument("--backend", metavar="NAME[,NAME]", help=f"{', '.join(BACKENDS)} (mpi)")
+    d.add_argument("--backend", metavar="NAME[,NAME]",
+                   help=f"{', '.join(BACKENDS)} (mpi; with --launcher torch: gloo)")
+    d.add_argument("--launcher", choices=LAUNCHERS,
+                   help="how the ranks start: mpi (mpirun, or one plain process), torch "
+                        "(torchrun or hand-started processes with RANK, WORLD_SIZE, MASTER_ADDR, "
+                        "MASTER_PORT; no MPI, so no mpi/mpi-bls backends), auto: mpi under an "
+                        "MPI launcher, else torch if RANK and WORLD_SIZE are set, else mpi "
+                        "(auto)")
     d.add_argument("--bound", metavar="K[,K]", help="exchanges allowed in flight beyond the "
                                                     "current one (4)")
     d.add_argument("--placement", choices=PLACEMENTS, help="table placement (contiguous)")
-    d.add_argument("--provider", help="libfabric provider for bls (library default)")
-    d.add_argument("--timeout", type=float, help="bls wait timeout in seconds (60)")
+    d.add_argument("--provider", help="libfabric provider for bls and torch-bls "
+                                      "(library default)")
+    d.add_argument("--timeout", type=float, help="bls/torch-bls/gloo wait timeout in seconds (60)")
     d.add_argument("--bls-progress", choices=("poll", "thread"),
-                   help="blsfab progress mode (library default, see BLSFAB_PROGRESS)")
+                   help="blsfab progress mode for bls and torch-bls (library default, see "
+                        "BLSFAB_PROGRESS)")
     d.add_argument("--threads", type=int, help="torch threads per rank (1)")
     d.add_argument("--poll-us", type=float, metavar="US",
-                   help="mpi-bls/bls: wait by testing every US microseconds and sleeping in "
-                        "between, instead of the library's blocking wait (0: blocking wait)")
+                   help="nonblocking backends: wait by testing every US microseconds and "
+                        "sleeping in between, instead of the library's blocking wait (0: "
+                        "blocking wait)")
     s = p.add_argument_group("stragglers")
     s.add_argument("--delay-ms", metavar="A:B", help="every rank sleeps U[A,B] ms per batch")
     s.add_argument("--slow-rank", type=int, metavar="R", help="rank that is persistently slow")
@@ -101,11 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Options with defaults filled in; ``--launcher auto`` is resolved from the environment
+    (``args.launcher_auto`` records that), and the default ``--backend`` follows it."""
     args = build_parser().parse_args(argv)
     for table in ((DEMO_DEFAULTS,) if args.demo else ()) + (DEFAULTS,):
         for k, v in table.items():
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
+    args.launcher_auto = args.launcher in (None, "auto")
+    args.launcher = resolve_launcher(args.launcher or "auto")
+    if args.backend is None:
+        args.backend = (DEMO_BACKENDS if args.demo else DEFAULT_BACKENDS)[args.launcher]
     return args
 
 
@@ -128,6 +151,10 @@ def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]
     for b in backends:
         if b not in BACKENDS:
             raise UsageError(f"--backend must be among {', '.join(BACKENDS)}; got {b!r}")
+    try:
+        check_backends(args.launcher, backends, args.launcher_auto)
+    except LaunchError as exc:
+        raise UsageError(str(exc)) from None
     try:
         bounds = [int(b) for b in _list(args.bound, "--bound")]
     except ValueError:
@@ -208,10 +235,12 @@ def plan_runs(args: argparse.Namespace, backends: List[str], bounds: List[int],
     delay = parse_float_range(args.delay_ms, "--delay-ms") if args.delay_ms else None
     runs: List[RunSpec] = []
     if args.demo:
-        if "bls" in backends and not blsfab_available():
+        needs_blsfab = [b for b in backends if b in ("bls", "torch-bls")]
+        if needs_blsfab and not blsfab_available():
             if verbose:
-                print("demo: blsfab does not import; skipping the bls backend", flush=True)
-            backends = [b for b in backends if b != "bls"]
+                print(f"demo: blsfab does not import; skipping {', '.join(needs_blsfab)}",
+                      flush=True)
+            backends = [b for b in backends if b not in needs_blsfab]
         if delay:  # no-delay runs first: they measure the compute the models build on
             for b in backends:
                 runs.append(RunSpec(b, bounds[-1], args.num_batches, args.warmup, None,
@@ -242,10 +271,10 @@ def _labels(source: Source, n: int) -> Optional[np.ndarray]:
 
 @dataclass
 class Job:
-    """Everything set up for one MPI job: model, data, layout and the runs to make."""
+    """Everything set up for one job: model, data, layout and the runs to make."""
 
     args: argparse.Namespace
-    comm: Any
+    launch: Launch
     arch: ModelArch
     source: Source
     tables: List[List[int]]
@@ -254,12 +283,18 @@ class Job:
     runner: Runner
 
     @property
+    def comm(self) -> Any:
+        """The control plane: MPI.COMM_WORLD, or launch.TorchControl under --launcher torch."""
+        return self.launch.comm
+
+    @property
     def rank(self) -> int:
         return self.comm.Get_rank()
 
 
-def setup(args: argparse.Namespace, comm: Any) -> Job:
+def setup(args: argparse.Namespace, launch: Launch) -> Job:
     """Validate options, build the model shard and the inputs; no exchange happens here."""
+    comm = launch.comm
     rank, size = comm.Get_rank(), comm.Get_size()
     backends, bounds = validate(args, size)
     torch.set_num_threads(args.threads)
@@ -282,10 +317,10 @@ def setup(args: argparse.Namespace, comm: Any) -> Job:
     args.prefetched = runner.prefetch(longest, int(args.prefetch_mb * 2**20))
     if rank == 0:
         cap = f", rows cap {args.rows_cap}" if args.rows_cap else ""
-        print(f"dlrm_adapter: {args.dataset}, {arch.num_tables} tables{cap}, {size} rank(s), "
-              f"global batch {args.batch_size}, placement {args.placement}: tables per rank "
-              f"{[len(t) for t in tables]}", flush=True)
-    return Job(args, comm, arch, source, tables,
+        print(f"dlrm_adapter: {args.dataset}, {arch.num_tables} tables{cap}, {size} rank(s) "
+              f"(launcher {launch.name}), global batch {args.batch_size}, placement "
+              f"{args.placement}: tables per rank {[len(t) for t in tables]}", flush=True)
+    return Job(args, launch, arch, source, tables,
                slot_bytes_for(layout.max_message_bytes(max_batch)), runs, runner)
 
 
@@ -295,7 +330,7 @@ def execute(job: Job) -> int:
     summaries: List[Dict[str, Any]] = []
     json_runs: List[Dict[str, Any]] = []
     for i, spec in enumerate(job.runs):
-        backend = make_backend(spec.backend, job.comm, spec.bound, job.slot_bytes,
+        backend = make_backend(spec.backend, job.launch, spec.bound, job.slot_bytes,
                                args.provider, args.timeout, args.poll_us / 1e6,
                                args.bls_progress)
         try:
@@ -350,12 +385,41 @@ def _final_report(job: Job, summaries: List[Dict[str, Any]],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    from mpi4py import MPI  # after argparse, so --help works without MPI
-    comm = MPI.COMM_WORLD
+    try:
+        args = parse_args(argv)
+    except LaunchError as exc:
+        print(f"dlrm_adapter: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if args.launcher == "torch":
+        # Refuse MPI backends before connecting to anyone: every rank sees the same options.
+        try:
+            check_backends(args.launcher, _list(args.backend, "--backend"), args.launcher_auto)
+        except (LaunchError, UsageError) as exc:
+            if env_rank() in (None, 0):
+                print(f"dlrm_adapter: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+    try:
+        launch = start_launcher(args.launcher, float(args.timeout))  # mpi4py after argparse
+    except LaunchError as exc:
+        print(f"dlrm_adapter: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - e.g. the rendezvous timed out
+        where = (f" at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                 if args.launcher == "torch" else "")
+        print(f"dlrm_adapter: rank {env_rank()}: --launcher {args.launcher} could not start"
+              f"{where}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        return _run(args, launch)
+    finally:
+        launch.close()
+
+
+def _run(args: argparse.Namespace, launch: Launch) -> int:
+    comm = launch.comm
     rank, size = comm.Get_rank(), comm.Get_size()
     try:
-        job = setup(args, comm)
+        job = setup(args, launch)
     except (ValueError, FileNotFoundError) as exc:
         # Bad options or inputs: every rank hits the same error before any exchange.
         if rank == 0:

@@ -147,18 +147,26 @@ def format_summary(s: Dict[str, Any]) -> str:
     return "\n".join([line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])
 
 
+# The baseline of the comparison table: the first of these that ran.
+REFERENCE_BACKENDS = ("mpi", "gloo")
+
+
 def format_comparison(summaries: List[Dict[str, Any]], ideal_ms: Optional[float] = None,
                       sync_ms: Optional[float] = None) -> str:
-    """One row per run; ratios to the ``mpi`` run with the same delay (and bound, if there is
-    one) and, for delayed runs, to the ideal model when known."""
+    """One row per run; ratios to the ``mpi`` run (``gloo`` when there is no mpi run, as
+    under ``--launcher torch``) with the same delay (and bound, if there is one) and, for
+    delayed runs, to the ideal model when known."""
+    present = {m["backend"] for m in summaries}
+    base = next((b for b in REFERENCE_BACKENDS if b in present), "mpi")
+
     def reference(s: Dict[str, Any]) -> Optional[float]:
-        same = [m for m in summaries if m["backend"] == "mpi" and m["delay_ms"] == s["delay_ms"]]
+        same = [m for m in summaries if m["backend"] == base and m["delay_ms"] == s["delay_ms"]]
         exact = [m for m in same if m["bound"] == s["bound"]]
         pick = (exact or same or [None])[0]
         return pick["per_batch_ms"] if pick else None
 
     head = ["run", "ms/batch", "median", "p95", "p99", "samples/s", "blocked", "lag",
-            "vs mpi", "vs ideal", "sha256"]
+            f"vs {base}", "vs ideal", "sha256"]
     body = []
     for s in summaries:
         bt = s["batch_time_ms"]

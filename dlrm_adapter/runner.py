@@ -181,6 +181,7 @@ class Runner:
                 warm = [i % n_src for i in range(spec.warmup)]
                 self._pass(spec, backend, warm, RankResult(rank=self.rank), keep=False,
                            delays=None)
+            backend.quiesce()  # nothing in flight; no peer may need our polling any more
             self.comm.Barrier()
             delays = rng(self.seed, STREAM_DELAY, self.rank) if spec.delay_ms else None
             t0 = time.perf_counter()

@@ -9,8 +9,12 @@
 # namespace, the addresses (10.77.0.0/24) exist only inside the namespaces,
 # and everything is deleted on exit (trap), also after a failure or Ctrl-C.
 #
+# After the alltoallv check it runs a short DLRM inference demo over the same
+# namespaces (python -m dlrm_adapter --launcher torch): torch-bls vs gloo vs bls.
+#
 # Environment: PYTHON (python3), NRANKS (4), SUBNET (10.77.0), RANK_TIMEOUT (120 s),
-# KEEP_LOGS=1 keeps the per-rank logs.
+# KEEP_LOGS=1 keeps the per-rank logs; DLRM=0 skips the DLRM demo, DLRM_TIMEOUT (150 s)
+# bounds it, DLRM_ARGS replaces its size options (default below).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,6 +23,11 @@ PYTHON="${PYTHON:-python3}"
 NRANKS="${NRANKS:-4}"
 SUBNET="${SUBNET:-10.77.0}"
 RANK_TIMEOUT="${RANK_TIMEOUT:-120}"
+DLRM="${DLRM:-1}"
+DLRM_TIMEOUT="${DLRM_TIMEOUT:-150}"
+# Few batches, small tables, bounds 0 and 8; test-and-sleep waits (--poll-us) so that
+# waiting ranks leave the cores to computing ones. About 15-25 s with 4 ranks on 2 cores.
+DLRM_ARGS="${DLRM_ARGS:---num-batches 100 --warmup 5 --rows-cap 20000 --batch-size 256 --bound 0,8 --poll-us 100}"
 PORT="${MASTER_PORT:-29577}"
 TAG="bls$$"                 # unique per run: namespaces bls<pid>-r0.., bls<pid>-sw
 SWITCH="$TAG-sw"
@@ -89,16 +98,21 @@ for ((r = 0; r < NRANKS; r++)); do
 done
 
 # ---- the ranks ----------------------------------------------------------------------
-run_ranks() {   # run_ranks NAME COMMAND...: one rank per namespace; fail if any fails
-    local name="$1"; shift
+run_ranks() {   # run_ranks NAME SECONDS COMMAND...: one rank per namespace; fail if any fails
+    local name="$1" limit="$2"; shift 2
     PIDS=()
     for ((r = 0; r < NRANKS; r++)); do
+        # GLOO_SOCKET_IFNAME: gloo would otherwise resolve the (shared) host name.
+        # IPATH_NO_BACKTRACE: libinfinipath (loaded by libfabric's psm provider) would
+        # install a SIGTERM handler that writes a .btr file and can deadlock in exit();
+        # timeout -k sends SIGKILL 10 s after SIGTERM in any case.
         ip netns exec "$TAG-r$r" env -u FI_PROVIDER \
             RANK="$r" WORLD_SIZE="$NRANKS" LOCAL_RANK=0 MASTER_ADDR="$SUBNET.1" \
-            MASTER_PORT="$PORT" FI_TCP_IFACE="veth$r" BLSFAB_PROVIDER=tcp \
+            MASTER_PORT="$PORT" FI_TCP_IFACE="veth$r" GLOO_SOCKET_IFNAME="veth$r" \
+            BLSFAB_PROVIDER=tcp IPATH_NO_BACKTRACE=1 \
             OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TORCH_CPP_LOG_LEVEL=ERROR \
             PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" \
-            timeout "$RANK_TIMEOUT" "$@" >"$LOGDIR/$name.$r.log" 2>&1 &
+            timeout -k 10 "$limit" "$@" >"$LOGDIR/$name.$r.log" 2>&1 &
         PIDS+=("$!")
     done
     local failed=0
@@ -115,18 +129,21 @@ run_ranks() {   # run_ranks NAME COMMAND...: one rank per namespace; fail if any
 }
 
 log "alltoallv check: $NRANKS ranks, tcp;ofi_rxm, store bootstrap on $SUBNET.1:$PORT"
-run_ranks check "$PYTHON" "$HERE/multihost_check.py" || die "the alltoallv check failed"
+run_ranks check "$RANK_TIMEOUT" "$PYTHON" "$HERE/multihost_check.py" ||
+    die "the alltoallv check failed"
 grep -h -v '^libfabric' "$LOGDIR"/check.*.log | sort -s -k1,2 | sed 's/^/  /'
 
-# ---- the DLRM demo, when it can start without mpirun ---------------------------------
-if (cd "$REPO" && "$PYTHON" -m dlrm_adapter --help 2>/dev/null) | grep -q -- '--launcher'; then
-    log "DLRM demo (python -m dlrm_adapter --launcher torch --backend bls) over the namespaces"
-    run_ranks dlrm bash -c "cd '$REPO' && exec '$PYTHON' -m dlrm_adapter --launcher torch \
-        --backend bls --provider tcp --num-batches 40 --rows-cap 20000 --no-progress" ||
-        die "the DLRM demo failed"
-    grep -h -v '^libfabric' "$LOGDIR"/dlrm.0.log | sed 's/^/  /'
+# ---- the DLRM demo: the same namespaces, launched torchrun-style --------------------
+if [ "$DLRM" = 0 ]; then
+    log "DLRM demo skipped (DLRM=0)"
+elif ! (cd "$REPO" && "$PYTHON" -m dlrm_adapter --help 2>/dev/null) | grep -q -- '--launcher'; then
+    log "DLRM demo skipped: python -m dlrm_adapter has no --launcher option"
 else
-    log "DLRM demo skipped: python -m dlrm_adapter launches under mpirun only" \
-        "(no store/torch launcher option)"
+    log "DLRM demo: $NRANKS ranks, python -m dlrm_adapter --launcher torch --demo" \
+        "--backend gloo,torch-bls,bls --provider tcp $DLRM_ARGS (limit ${DLRM_TIMEOUT}s)"
+    run_ranks dlrm "$DLRM_TIMEOUT" bash -c "cd '$REPO' && exec '$PYTHON' -m dlrm_adapter \
+        --launcher torch --demo --backend gloo,torch-bls,bls --provider tcp $DLRM_ARGS \
+        --no-progress" || die "the DLRM demo failed (or exceeded DLRM_TIMEOUT=${DLRM_TIMEOUT}s)"
+    grep -h -v '^libfabric' "$LOGDIR"/dlrm.0.log | sed 's/^/  /'
 fi
 log "OK: $NRANKS ranks in $NRANKS namespaces passed"

@@ -224,7 +224,7 @@ def test_checkpoint_shape_mismatch_is_reported(tmp_path: Path) -> None:
 def test_bad_option_values_are_named() -> None:
     r = run_adapter(["--pooling", "5:2", "--num-batches", "1"], None, check=False)
     assert r.returncode == 2 and "'5:2'" in r.stderr
-    r = run_adapter(["--backend", "mpi,gloo"], None, check=False)
-    assert r.returncode == 2 and "'gloo'" in r.stderr
+    r = run_adapter(["--backend", "mpi,nccl"], None, check=False)
+    assert r.returncode == 2 and "'nccl'" in r.stderr
     r = run_adapter(["--bound", "0,4", "--save-predictions", "p.npy"], None, check=False)
     assert r.returncode == 2 and "{backend}" in r.stderr
