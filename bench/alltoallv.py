@@ -277,7 +277,8 @@ def launch(args) -> int:
         json.dump(summary, f, indent=1)
     report(jobs)
     plot(jobs)
-    print(f"\nwrote {RESULTS}/alltoallv.json and plots in {time.time() - t_start:.0f} s")
+    print(f"\nwrote {os.path.relpath(RESULTS)}/alltoallv.json and plots in "
+          f"{time.time() - t_start:.0f} s")
     return 0
 
 

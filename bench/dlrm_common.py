@@ -61,7 +61,11 @@ def run_job(ranks: int, args: Sequence[str], timeout: float = 1800.0,
             sys.exit(f"bench: job failed with exit code {r.returncode}\n{r.stdout[-4000:]}\n"
                      f"{r.stderr[-4000:]}")
         with open(out) as fh:
-            return json.load(fh)
+            result = json.load(fh)
+    # The temporary output path says nothing about the run; keep results portable.
+    if isinstance(result.get("config"), dict):
+        result["config"].pop("json", None)
+    return result
 
 
 def backends_to_run(requested: Sequence[str]) -> List[str]:
