@@ -38,6 +38,17 @@ def _displs(counts: Sequence[int]) -> List[int]:
     return out
 
 
+def _poll_until(done, poll_s: float, timeout: float, what: str) -> None:
+    """Test-and-sleep until ``done()``: leaves the core to ranks still computing
+    (``--poll-us``), at the price of up to ``poll_s`` extra latency."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} incomplete after {timeout:g} s (raise --timeout if "
+                               "peers are merely slow)")
+        time.sleep(poll_s)
+
+
 class Backend:
     """Common interface; ``synchronous`` backends complete inside ``start``."""
 
@@ -196,13 +207,8 @@ class BLS(Backend):
     def finish(self, handle: Tuple[Any, List[int]]) -> torch.Tensor:
         req, expected = handle
         if self.poll_s > 0:
-            deadline = time.monotonic() + self.timeout
-            while not req.test():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"rank {self.comm.rank}: blsfab exchange incomplete "
-                                       f"after {self.timeout:g} s (raise --timeout if peers "
-                                       f"are merely slow)")
-                time.sleep(self.poll_s)
+            _poll_until(req.test, self.poll_s, self.timeout,
+                        f"rank {self.comm.rank}: blsfab exchange")
         data = req.wait()
         got = [int(c) for c in req.recvcounts]
         if got != expected:
@@ -259,13 +265,8 @@ class TorchCollective(Backend):
     def finish(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         work, recv, _ = handle
         if self.poll_s > 0:
-            deadline = time.monotonic() + self.timeout
-            while not work.is_completed():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name}: all_to_all_single incomplete after "
-                                       f"{self.timeout:g} s (raise --timeout if peers are "
-                                       f"merely slow)")
-                time.sleep(self.poll_s)
+            _poll_until(work.is_completed, self.poll_s, self.timeout,
+                        f"{self.name}: all_to_all_single")
         work.wait()
         return recv
 
