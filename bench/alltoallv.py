@@ -293,7 +293,7 @@ def report(jobs) -> None:
             us = row["us"]
             print(f"{row['bytes']:>10} {us['MPI_Alltoallv']:>14.2f} {us['MPI_Ialltoallv']:>15.2f} "
                   f"{us['blsfab']:>9.2f} {us['blsfab'] / us['MPI_Alltoallv']:>11.2f}")
-        print(f"-- batches of m small alltoallvs per step, median us per step --")
+        print("-- batches of m small alltoallvs per step, median us per step --")
         print(f"{'bytes':>6} {'m':>3} {'MPI x m':>9} {'unchained':>10} {'chained':>9} "
               f"{'unch/MPI':>9} {'chained/MPI':>12}")
         for row in job["batch"]:
@@ -302,7 +302,7 @@ def report(jobs) -> None:
             print(f"{row['bytes']:>6} {row['m']:>3} {mpi:>9.2f} {us['blsfab unchained']:>10.2f} "
                   f"{us['blsfab chained']:>9.2f} {us['blsfab unchained'] / mpi:>9.2f} "
                   f"{us['blsfab chained'] / mpi:>12.2f}")
-        print(f"-- pipelined throughput, thousand calls/s (ratio to blocking MPI_Alltoallv) --")
+        print("-- pipelined throughput, thousand calls/s (ratio to blocking MPI_Alltoallv) --")
         for row in job["pipeline"]:
             c = row["calls_per_s"]
             base = c["MPI_Alltoallv"]
