@@ -19,7 +19,7 @@ Request = _core.Request
 
 # Empty polls before a waiting rank yields its core.
 SPIN_POLLS = 4096
-SPIN_POLLS_OVERSUBSCRIBED = 32
+SPIN_POLLS_OVERSUBSCRIBED = 1
 
 # Iterations one chain may hold before it is posted; sizes the receive window.
 MAX_CHAIN = 64
