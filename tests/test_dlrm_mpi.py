@@ -7,42 +7,22 @@ backend (bls when blsfab imports), several placements.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlrm_adapter.config import ALI_CCP, arch_for  # noqa: E402
 from dlrm_adapter.data import Pooling, SyntheticSource  # noqa: E402
-
-MPIRUN = shutil.which("mpirun")
-needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
-
-# Small but not trivial: odd batch (uneven slices), chunks smaller than slices,
-# random pooling and Zipf indices.
-COMMON = ["--rows-cap", "500", "--batch-size", "45", "--chunk", "8", "--num-batches", "5",
-          "--warmup", "1", "--pooling", "1:4", "--zipf", "1.05", "--seed", "7",
-          "--no-progress"]
-
-
-def _env() -> Dict[str, str]:
-    env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "src")]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env.update(PYTHONPATH=os.pathsep.join(paths), OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
-    return env
+from dlrm_support import COMMON, adapter_env as _env, needs_mpirun  # noqa: E402
+from dlrm_support import run_adapter  # noqa: E402
 
 
 def _bls_available() -> bool:
@@ -51,22 +31,6 @@ def _bls_available() -> bool:
 
 
 BLS = _bls_available()
-
-
-def run_adapter(args: List[str], np_: Optional[int], timeout: float = 150.0,
-                check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dlrm_adapter", *args]
-    if np_ is not None:
-        cmd = [MPIRUN or "mpirun", "--oversubscribe", "--mca", "btl", "vader,self",
-               "-np", str(np_), *cmd]
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} hung for {timeout:g} s\n{exc.stdout}\n{exc.stderr}")
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
 
 
 @pytest.fixture(scope="module")

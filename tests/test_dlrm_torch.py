@@ -14,48 +14,26 @@ About 30-40 s on 2 cores.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlrm_adapter.launch import (LaunchError, check_backends, resolve_launcher,  # noqa: E402
                                  torch_env)
 from dlrm_adapter.report import format_comparison  # noqa: E402
+from dlrm_support import COMMON, ROOT, needs_mpirun  # noqa: E402
+from dlrm_support import adapter_env as _env, fail_text as _fail_text  # noqa: E402
+from dlrm_support import run_adapter  # noqa: E402
 
-MPIRUN = shutil.which("mpirun")
 TORCHRUN = shutil.which("torchrun")
-needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
-
-# The same small problem as tests/test_dlrm_mpi.py: odd batch, chunks smaller than slices.
-COMMON = ["--rows-cap", "500", "--batch-size", "45", "--chunk", "8", "--num-batches", "5",
-          "--warmup", "1", "--pooling", "1:4", "--zipf", "1.05", "--seed", "7",
-          "--no-progress"]
-LAUNCHER_VARS = ("OMPI_", "PMIX_", "PMI_", "SLURM_", "TORCHELASTIC_", "RANK", "WORLD_SIZE",
-                 "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-
-
-def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARS)}
-    env.pop("FI_PROVIDER", None)
-    paths = [str(ROOT), str(ROOT / "src")]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env.update(PYTHONPATH=os.pathsep.join(paths), OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1",
-               FI_TCP_IFACE="lo", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               TORCH_CPP_LOG_LEVEL="ERROR", IPATH_NO_BACKTRACE="1")
-    env.update(extra or {})
-    return env
 
 
 def _imports(module: str) -> bool:
@@ -73,26 +51,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fail_text(cmd: List[str], outs: List[str]) -> str:
-    ranks = (f"--- rank {r}\n{o[-4000:]}" for r, o in enumerate(outs))
-    return f"{' '.join(cmd)}\n" + "\n".join(ranks)
-
-
 def run_mpi(args: List[str], np_: Optional[int], timeout: float = 120.0,
             check: bool = True) -> subprocess.CompletedProcess:
-    """``mpirun -np np_ python -m dlrm_adapter args`` (a plain process when np_ is None)."""
-    cmd = [sys.executable, "-m", "dlrm_adapter", *args]
-    if np_ is not None:
-        cmd = [MPIRUN or "mpirun", "--oversubscribe", "--mca", "btl", "vader,self",
-               "-np", str(np_), *cmd]
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} hung for {timeout:g} s\n{exc.stdout}\n{exc.stderr}")
-    if check and r.returncode != 0:
-        raise AssertionError(_fail_text(cmd, [r.stdout + r.stderr]))
-    return r
+    return run_adapter(args, np_, timeout, check)
 
 
 def run_torch_ranks(args: List[str], size: int, timeout: float = 120.0) -> List[str]:
