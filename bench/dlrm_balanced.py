@@ -14,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlrm_common import (REPO, adapter_args, backends_to_run, brief, common_args,  # noqa: E402
-                         plot_path, pyplot, run_job, save_json, warn_if_busy)
+from dlrm_common import (adapter_args, backends_to_run, brief, common_args,  # noqa: E402
+                         grouped_bars, pyplot, run_job, save_figure, save_json,
+                         warn_if_busy)
 
 
 def main() -> None:
@@ -50,23 +51,10 @@ def main() -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = list(results)
-    width = 0.8 / max(len(backends), 1)
-    for i, backend in enumerate(backends):
-        vals = [next(r["per_batch_ms"] for r in results[ds] if r["backend"] == backend)
-                for ds in names]
-        ax.bar([x + i * width for x in range(len(names))], vals, width, label=backend)
-    ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(names))])
-    ax.set_xticklabels(names)
-    ax.set_ylabel("per-batch time (ms)")
-    ax.set_title(f"no delays, P={a.ranks}, bound {a.bound}, batch {a.batch_size}")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = plot_path("dlrm_balanced.png")
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out.relative_to(REPO)}")
-
+    grouped_bars(ax, list(results), backends,
+                 lambda ds, b: next(r["per_batch_ms"] for r in results[ds] if r["backend"] == b),
+                 f"no delays, P={a.ranks}, bound {a.bound}, batch {a.batch_size}")
+    save_figure(fig, "dlrm_balanced.png")
 
 if __name__ == "__main__":
     main()

@@ -99,6 +99,29 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, name: str) -> None:
+    """Lay out, write bench/results/<name> and say so."""
+    fig.tight_layout()
+    out = plot_path(name)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+def grouped_bars(ax: Any, groups: Sequence[str], backends: Sequence[str], value: Any,
+                 title: str) -> None:
+    """One bar per backend in each group; ``value(group, backend)`` is its height (ms)."""
+    width = 0.8 / max(len(backends), 1)
+    for i, backend in enumerate(backends):
+        ax.bar([x + i * width for x in range(len(groups))],
+               [value(g, backend) for g in groups], width, label=backend)
+    ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(groups))])
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("per-batch time (ms)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def brief(run: Dict[str, Any]) -> Dict[str, Any]:
     """The numbers a plot or table needs from one run summary."""
     s = run["summary"]

@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlrm_common import (REPO, adapter_args, backends_to_run, brief, common_args,  # noqa: E402
-                         plot_path, pyplot, run_job, save_json, warn_if_busy)
+from dlrm_common import (adapter_args, backends_to_run, brief, common_args,  # noqa: E402
+                         pyplot, run_job, save_figure, save_json,
+                         warn_if_busy)
 
 
 def main() -> None:
@@ -91,10 +92,7 @@ def main() -> None:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = plot_path("dlrm_delay.png")
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out.relative_to(REPO)}")
+    save_figure(fig, "dlrm_delay.png")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dlrm_common import (REPO, adapter_args, backends_to_run, brief, common_args,  # noqa: E402
-                         plot_path, pyplot, run_job, save_json, warn_if_busy)
+from dlrm_common import (adapter_args, backends_to_run, brief, common_args,  # noqa: E402
+                         grouped_bars, pyplot, run_job, save_figure, save_json,
+                         warn_if_busy)
 
 PLACEMENTS = ["contiguous", "balanced-rows", "balanced-cost"]
 SCENARIOS = {"table": ["--table-pooling", "1:100"], "bag": ["--pooling", "1:100"]}
@@ -63,23 +64,13 @@ def main() -> None:
     plt = pyplot()
     scens = list(results)
     fig, axes = plt.subplots(1, len(scens), figsize=(6 * len(scens), 4.2), squeeze=False)
-    width = 0.8 / max(len(backends), 1)
     for ax, scen in zip(axes[0], scens):
-        for i, backend in enumerate(backends):
-            vals = [next(r["per_batch_ms"] for r in results[scen][pl]["runs"]
-                         if r["backend"] == backend) for pl in PLACEMENTS]
-            ax.bar([x + i * width for x in range(len(PLACEMENTS))], vals, width, label=backend)
-        ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(PLACEMENTS))])
-        ax.set_xticklabels(PLACEMENTS)
-        ax.set_ylabel("per-batch time (ms)")
-        ax.set_title(f"pooling 1:100 per {scen}, P={a.ranks}, bound {a.bound}")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = plot_path("dlrm_hetero.png")
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out.relative_to(REPO)}")
-
+        runs = results[scen]
+        grouped_bars(ax, PLACEMENTS, backends,
+                     lambda pl, b, runs=runs: next(r["per_batch_ms"] for r in runs[pl]["runs"]
+                                                   if r["backend"] == b),
+                     f"pooling 1:100 per {scen}, P={a.ranks}, bound {a.bound}")
+    save_figure(fig, "dlrm_hetero.png")
 
 if __name__ == "__main__":
     main()
