@@ -18,7 +18,7 @@ demo: setup
 	$(MPIRUN) $(PYTHON) -m dlrm_adapter --demo
 
 engine-demo: setup
-	$(MPIRUN) $(PYTHON) -m dlrm_adapter --demo
+	$(MPIRUN) $(PYTHON) -m blsfab.demo
 
 clean:
 	rm -rf build src/*.egg-info src/blsfab/_core.c src/blsfab/_core*.so

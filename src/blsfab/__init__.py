@@ -8,8 +8,8 @@
 
 from ._core import Request, library_version
 from .communicator import Communicator, providers
-from .errors import BlsError, ClosedError, FabricError, TimeoutError
+from .errors import BlsError, BrokenError, ClosedError, FabricError, TimeoutError
 
 __all__ = ["Communicator", "Request", "providers", "library_version", "BlsError",
-           "ClosedError", "FabricError", "TimeoutError"]
+           "BrokenError", "ClosedError", "FabricError", "TimeoutError"]
 __version__ = "0.1.0"

@@ -33,3 +33,20 @@ class TimeoutError(BlsError, builtins.TimeoutError):
 
 class ClosedError(BlsError, RuntimeError):
     """The communicator (or the request's communicator) has been closed."""
+
+
+class BrokenError(FabricError):
+    """An earlier failure left the communicator in an undefined protocol state
+    (some writes of an iteration went out, or a peer broke the protocol).
+
+    Every call after it raises BrokenError until ``close()``, which still frees
+    everything. ``cause`` is the original error and ``iteration`` the iteration
+    it hit (-1 if none).
+    """
+
+    def __init__(self, message, cause=None, iteration=-1, provider=""):
+        super().__init__(message, provider=provider,
+                         errno=getattr(cause, "errno", 0) or 0,
+                         strerror=getattr(cause, "strerror", "") or "")
+        self.cause = cause
+        self.iteration = iteration
