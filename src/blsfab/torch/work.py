@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
 from .options import seconds
 
-if TYPE_CHECKING:
-    from .group import ProcessGroupBlsfab
+
+class WorkOwner(Protocol):
+    """What a Work needs from the process group that issued it. Typing the
+    owner as this protocol, not as ProcessGroupBlsfab, keeps work.py below
+    group.py: the group imports Work, never the reverse."""
+
+    def _wait_work(self, work: "Work", timeout: Optional[float]) -> None: ...
+
+    def _future_of(self, work: "Work") -> torch.futures.Future: ...
+
+    def _poll(self) -> bool: ...
 
 
 class Work(dist._Work):
@@ -26,7 +35,7 @@ class Work(dist._Work):
     _exc: Optional[BaseException] = None
     _value: Optional[list] = None
 
-    def __init__(self, pg: "ProcessGroupBlsfab", name: str, requests: list,
+    def __init__(self, pg: WorkOwner, name: str, requests: list,
                  finish: Callable[[list], list]):
         super().__init__()
         self._pg = pg
@@ -116,7 +125,7 @@ class Work(dist._Work):
         return f"<blsfab.torch.Work {self._name} {state}>"
 
 
-def done_work(pg: "ProcessGroupBlsfab", name: str, value: list) -> Work:
+def done_work(pg: WorkOwner, name: str, value: list) -> Work:
     """A Work that is already complete with ``value``."""
     work = Work(pg, name, (), None)
     work._value = value
