@@ -365,3 +365,18 @@ def test_reference_example_command_matches_our_flags(tmp_path: Path) -> None:
     got = np.load(theirs)
     assert got.shape == (96,) and np.std(got) > 1e-3
     assert got.tobytes() == np.load(ours).tobytes()
+
+
+def test_dataset_generation_sizes_tables_like_the_reference(tmp_path: Path) -> None:
+    """--data-generation dataset: tables from the file's counts, capped by --max-ind-range."""
+    from dlrm_adapter.cli import build_arch
+    write_processed(tmp_path / "p.npz", 20, SIZES)
+    args = parse_args(["--data-generation", "dataset", "--processed-data-file",
+                       str(tmp_path / "p.npz"), "--max-ind-range", "6",
+                       "--arch-sparse-feature-size", "4", "--arch-mlp-bot", "5-8-4",
+                       "--arch-mlp-top", "6-1", "--launcher", "mpi"])
+    arch, state = build_arch(args)
+    assert state is None
+    assert arch.table_sizes == tuple(min(n, 6) for n in SIZES)
+    assert arch.bot_dims == (13, 8, 4)  # the input width comes from the data
+    assert arch.top_dims == (4 + 27 * 26 // 2, 6, 1)
