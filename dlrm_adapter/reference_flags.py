@@ -130,8 +130,10 @@ def add_reference_flags(parser: argparse.ArgumentParser) -> None:
     a("--num-indices-per-lookup", type=int, metavar="L", help="lookups per bag (reference: 10)")
     a("--num-indices-per-lookup-fixed", type=_reference_bool, metavar="1",
       help="exactly L lookups per bag (else 1..L at random)")
-    a("--data-set", choices=("kaggle", "terabyte"), help="which Criteo file --processed-data-file is")
-    a("--raw-data-file", metavar="PATH", help="only with --processed-data-file (not preprocessed here)")
+    a("--data-set", choices=("kaggle", "terabyte"),
+      help="which Criteo file --processed-data-file is")
+    a("--raw-data-file", metavar="PATH",
+      help="only with --processed-data-file (not preprocessed here)")
     a("--max-ind-range", type=int, metavar="M",
       help="cap tables at M rows, categories modulo M (with --processed-data)")
     a("--mini-batch-size", type=int, metavar="B", help="= --batch-size")
@@ -185,19 +187,23 @@ def _map(args: argparse.Namespace) -> None:
     if args.max_ind_range is not None and args.max_ind_range <= 0:
         args.max_ind_range = None  # the reference's -1: no cap
 
-    # Data: the reference reads a file only with --data-generation dataset.
-    if args.data_generation == "random" and args.processed_data:
-        if env_rank() in (None, 0):
+    # Data: the reference reads a file only with --data-generation dataset; without
+    # --data-generation, --processed-data-file is read (it is our --processed-data).
+    if args.data_generation == "random":
+        if args.data:
+            raise ReferenceFlagError(f"--data-generation random and --data {args.data} "
+                                     f"disagree: random means synthetic data")
+        if args.processed_data and env_rank() in (None, 0):
             print(f"note: --data-generation random: --processed-data-file "
                   f"{args.processed_data} is not read (as in {REFERENCE})", flush=True)
         args.processed_data = None
-    if args.data_generation == "dataset" and not args.processed_data:
-        if args.raw_data_file:
-            raise ReferenceFlagError(
-                f"--raw-data-file {args.raw_data_file}: dlrm_adapter does not run the "
-                f"reference's preprocessing (category dictionaries over the whole dataset); "
-                f"run it once with {REFERENCE} and pass the --processed-data-file it writes, "
-                f"or use --data FILE to hash categories instead")
+    elif args.raw_data_file and not args.processed_data:
+        raise ReferenceFlagError(
+            f"--raw-data-file {args.raw_data_file}: dlrm_adapter does not run the "
+            f"reference's preprocessing (category dictionaries over the whole dataset); "
+            f"run it once with {REFERENCE} and pass the --processed-data-file it writes, "
+            f"or use --data FILE to hash categories instead")
+    if args.data_generation == "dataset" and not (args.processed_data or args.data):
         raise ReferenceFlagError("--data-generation dataset needs --processed-data-file FILE.npz")
     if args.processed_data and (args.data or args.zipf is not None or args.pooling
                                 or args.table_pooling):
@@ -209,14 +215,14 @@ def _map(args: argparse.Namespace) -> None:
                                  "categories modulo the table sizes already")
     if args.num_indices_per_lookup is not None or args.num_indices_per_lookup_fixed:
         if not args.processed_data and not args.data:  # a file has one lookup per bag
-            lookups = args.num_indices_per_lookup or 10
+            lookups = 10 if args.num_indices_per_lookup is None else args.num_indices_per_lookup
             if lookups < 1:
                 raise ReferenceFlagError(f"--num-indices-per-lookup must be >= 1, got {lookups}")
             pooling = str(lookups) if args.num_indices_per_lookup_fixed else f"1:{lookups}"
             if args.pooling is not None and args.pooling != pooling:
-                raise ReferenceFlagError(
-                    f"--num-indices-per-lookup{'(-fixed)' * bool(args.num_indices_per_lookup_fixed)}"
-                    f" means --pooling {pooling}, but --pooling {args.pooling} is given")
+                fixed = "(-fixed)" if args.num_indices_per_lookup_fixed else ""
+                raise ReferenceFlagError(f"--num-indices-per-lookup{fixed} means --pooling "
+                                         f"{pooling}, but --pooling {args.pooling} is given")
             args.pooling = pooling
     # The reference's --num-batches 0 (its default) means every batch of the data.
     if args.num_batches == 0:

@@ -380,3 +380,20 @@ def test_dataset_generation_sizes_tables_like_the_reference(tmp_path: Path) -> N
     assert arch.table_sizes == tuple(min(n, 6) for n in SIZES)
     assert arch.bot_dims == (13, 8, 4)  # the input width comes from the data
     assert arch.top_dims == (4 + 27 * 26 // 2, 6, 1)
+
+
+def test_weighted_pooling_flag_must_agree_with_the_checkpoint() -> None:
+    from dlrm_adapter.reference_flags import checkpoint_arch
+    plain = arch_from_state_dict(_base())
+    learned = arch_from_state_dict(reference_state([5, 7, 3], DIM, [DENSE, 8, DIM], [6, 1],
+                                                   learned=True))
+    args = parse_args(["--weighted-pooling", "learned", "--load-model", "m.pt",
+                       "--launcher", "mpi"])
+    with pytest.raises(ValueError, match=r"--weighted-pooling learned disagree\(s\) with "
+                                         r"--load-model m.pt"):
+        checkpoint_arch(args, plain)
+    assert checkpoint_arch(args, learned).weighted_pooling == "learned"
+    args = parse_args(["--weighted-pooling", "fixed", "--load-model", "m.pt", "--launcher", "mpi"])
+    assert checkpoint_arch(args, plain).weighted_pooling == "fixed"
+    with pytest.raises(ValueError, match="--weighted-pooling fixed disagree"):
+        checkpoint_arch(args, learned)
