@@ -307,6 +307,13 @@ def _read_exact(fh: io.BufferedIOBase, nbytes: int, what: str) -> bytes:
     return data
 
 
+def _open_npz(path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"--processed-data {path!r}: not a readable .npz file ({exc})") from None
+
+
 def read_npz_rows(path: str, key: str, max_rows: Optional[int] = None) -> Tuple[np.ndarray, int]:
     """The first ``max_rows`` rows of array ``key`` of an ``.npz`` file, and its row count.
 
@@ -316,11 +323,7 @@ def read_npz_rows(path: str, key: str, max_rows: Optional[int] = None) -> Tuple[
     nothing is unpickled.
     """
     what = f"{path}: {key}"
-    try:
-        zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"--processed-data {path!r}: not a readable .npz file ({exc})") from None
-    with zf:
+    with _open_npz(path) as zf:
         try:
             info = zf.getinfo(key + ".npy")
         except KeyError:
@@ -341,6 +344,8 @@ def read_npz_rows(path: str, key: str, max_rows: Optional[int] = None) -> Tuple[
                                  f"{dtype} of shape {shape}")
             n = int(shape[0])
             cols = int(shape[1]) if len(shape) == 2 else 1
+            if n < 0 or cols < 0:
+                raise ValueError(f"{what}: bad shape {shape}")
             item = dtype.itemsize
             if n * cols * item != info.file_size - fh.tell():
                 raise ValueError(f"{what}: header says {shape} {dtype} "
@@ -369,7 +374,7 @@ def reference_dense(x_int: np.ndarray) -> np.ndarray:
 
 def read_processed_counts(path: str) -> Optional[np.ndarray]:
     """The per-table category counts of a processed file (absent from per-day files)."""
-    with zipfile.ZipFile(path) as zf:
+    with _open_npz(path) as zf:
         if "counts.npy" not in zf.namelist():
             return None
     counts, _ = read_npz_rows(path, "counts")
