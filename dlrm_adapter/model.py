@@ -107,24 +107,23 @@ class DLRM(nn.Module):
         for t in self.local_tables:
             if not 0 <= t < arch.num_tables:
                 raise ValueError(f"table {t} does not exist (the model has {arch.num_tables})")
-        if arch.weighted_pooling and pooling_weight is None:
-            pooling_weight = lambda t: torch.ones(arch.table_sizes[t])  # noqa: E731
         # table -> (rows,) float32 weights of its rows, local tables only
         self.v_W_l: Dict[int, torch.Tensor] = {}
         mods: List[nn.Module] = []
         for t, rows in enumerate(arch.table_sizes):
-            if t in self.local_tables and arch.weighted_pooling:
-                v = pooling_weight(t).to(torch.float32).contiguous()
-                if tuple(v.shape) != (rows,):
-                    raise ValueError(f"v_W_l.{t} has shape {tuple(v.shape)}, expected ({rows},): "
-                                     f"one pooling weight per row of emb_l.{t}")
-                self.v_W_l[t] = v
             if t in self.local_tables:
                 w = table_weight(t).to(torch.float32).contiguous()
                 if tuple(w.shape) != (rows, arch.emb_dim):
                     raise ValueError(f"emb_l.{t}.weight has shape {tuple(w.shape)}, "
                                      f"expected {(rows, arch.emb_dim)}")
                 mods.append(nn.EmbeddingBag(rows, arch.emb_dim, mode="sum", _weight=w))
+                if arch.weighted_pooling:
+                    v = pooling_weight(t) if pooling_weight else torch.ones(rows)
+                    v = v.to(torch.float32).contiguous()
+                    if tuple(v.shape) != (rows,):
+                        raise ValueError(f"v_W_l.{t} has shape {tuple(v.shape)}, expected "
+                                         f"({rows},): one pooling weight per row of emb_l.{t}")
+                    self.v_W_l[t] = v
             else:
                 mods.append(nn.Identity())  # table lives on another rank
         self.emb_l = nn.ModuleList(mods)
