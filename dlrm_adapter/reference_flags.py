@@ -213,7 +213,11 @@ def _map(args: argparse.Namespace) -> None:
     if args.max_ind_range is not None and args.data:
         raise ReferenceFlagError("--max-ind-range applies to --processed-data; --data hashes "
                                  "categories modulo the table sizes already")
-    if args.num_indices_per_lookup is not None or args.num_indices_per_lookup_fixed:
+    # The reference's random data has 1..10 lookups per bag unless told otherwise.
+    reference_random = (args.data_generation == "random" and args.pooling is None
+                        and not args.table_pooling)
+    if (args.num_indices_per_lookup is not None or args.num_indices_per_lookup_fixed
+            or reference_random):
         if not args.processed_data and not args.data:  # a file has one lookup per bag
             lookups = 10 if args.num_indices_per_lookup is None else args.num_indices_per_lookup
             if lookups < 1:

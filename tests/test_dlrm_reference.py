@@ -397,3 +397,10 @@ def test_weighted_pooling_flag_must_agree_with_the_checkpoint() -> None:
     assert checkpoint_arch(args, plain).weighted_pooling == "fixed"
     with pytest.raises(ValueError, match="--weighted-pooling fixed disagree"):
         checkpoint_arch(args, learned)
+
+
+def test_random_generation_defaults_to_the_reference_lookups() -> None:
+    assert parse_args(["--data-generation", "random", "--launcher", "mpi"]).pooling == "1:10"
+    assert parse_args(["--data-generation", "random", "--pooling", "2",
+                       "--launcher", "mpi"]).pooling == "2"
+    assert parse_args(["--launcher", "mpi"]).pooling == "1"  # our default is unchanged
