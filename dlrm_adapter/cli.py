@@ -26,7 +26,7 @@ from .launch import LAUNCHERS, Launch, LaunchError, check_backends, env_rank, re
 from .launch import start as start_launcher
 from .model import DLRM, arch_from_state_dict, load_checkpoint, unused_keys
 from .reference_flags import (add_reference_flags, apply_reference_flags, arch_flags_given,
-                              checkpoint_arch, flag_arch)
+                              checkpoint_arch, command_line_arch)
 from .report import format_comparison, format_summary, summarize, write_json
 from .runner import RankResult, Runner, RunSpec
 from .sharding import PLACEMENTS, ExchangeLayout, place_tables
@@ -212,7 +212,7 @@ def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]
 def build_arch(args: argparse.Namespace) -> Tuple[ModelArch, Optional[Dict[str, torch.Tensor]]]:
     spec = DATASETS[args.dataset]
     if not args.load_model:
-        return flag_arch(args) or arch_for(spec, args.rows_cap), None
+        return command_line_arch(args, arch_for(spec, args.rows_cap)), None
     state = load_checkpoint(args.load_model, trust=args.trust_checkpoint)
     arch = checkpoint_arch(args, arch_from_state_dict(state))
     if arch_flags_given(args):

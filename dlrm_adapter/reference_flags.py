@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from .config import ModelArch, arch_from_dims
-from .data import read_processed_counts
+from .data import CRITEO_DENSE, read_processed_counts
 from .launch import env_rank
 
 REFERENCE = "facebookresearch/dlrm"
@@ -250,27 +250,24 @@ def apply_reference_flags(args: argparse.Namespace, parser: argparse.ArgumentPar
 # ------------------------------------------------------------------ architecture
 
 def arch_flags_given(args: argparse.Namespace) -> List[str]:
-    """The ``--arch-*`` flags on the command line (``--weighted-pooling`` included)."""
-    given = [flag for k, flag in ARCH_FLAGS.items() if getattr(args, k, None) is not None]
-    if getattr(args, "weighted_pooling", None) is not None:
-        given.append("--weighted-pooling")
-    return given
+    """The ``--arch-*`` flags on the command line."""
+    return [flag for k, flag in ARCH_FLAGS.items() if getattr(args, k, None) is not None]
 
 
-def flag_arch(args: argparse.Namespace) -> Optional[ModelArch]:
-    """The model the reference would build from ``--arch-*`` (its defaults for the
-    parts not given), or None when no architecture flag is given.
+def command_line_arch(args: argparse.Namespace, preset: ModelArch) -> ModelArch:
+    """The model without a checkpoint: the one the reference builds from ``--arch-*``
+    (its defaults for the parts not given), else ``preset``; with ``--weighted-pooling``.
 
     With a processed file, the tables are sized by its ``counts`` capped at
     ``--max-ind-range`` and the bottom MLP takes its dense width, as the reference does.
     """
-    if not arch_flags_given(args) or args.load_model:
-        return None
+    if not arch_flags_given(args):
+        return dataclasses.replace(preset, weighted_pooling=args.weighted_pooling)
     part = {**ARCH_DEFAULTS, **_given_parts(args)}
     sizes: Sequence[int] = part["arch_embedding_size"]
     bot = part["arch_mlp_bot"]
     if args.processed_data:
-        bot = (13, *bot[1:])
+        bot = (CRITEO_DENSE, *bot[1:])
         counts = read_processed_counts(args.processed_data)
         if counts is not None:
             sizes = [int(c) for c in counts]
@@ -288,10 +285,10 @@ def flag_arch(args: argparse.Namespace) -> Optional[ModelArch]:
 
 def _given_parts(args: argparse.Namespace) -> Dict[str, Tuple[int, ...]]:
     """The ``--arch-*`` values given, as tuples; with a processed file the bottom MLP's
-    input is the file's 13 integer features, as the reference sets it from the data."""
+    input is the file's integer features, as the reference sets it from the data."""
     given = {k: _seq(getattr(args, k)) for k in ARCH_DEFAULTS if getattr(args, k) is not None}
     if args.processed_data and "arch_mlp_bot" in given:
-        given["arch_mlp_bot"] = (13, *given["arch_mlp_bot"][1:])
+        given["arch_mlp_bot"] = (CRITEO_DENSE, *given["arch_mlp_bot"][1:])
     return given
 
 
