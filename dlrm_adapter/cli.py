@@ -20,10 +20,13 @@ import torch
 from . import __version__
 from .backends import BACKENDS, blsfab_available, make_backend, slot_bytes_for
 from .config import DATASETS, ModelArch, arch_for
-from .data import (CriteoTSVSource, Pooling, Source, SyntheticSource, parse_float_range)
+from .data import (CriteoTSVSource, Pooling, ProcessedSource, Source, SyntheticSource,
+                   parse_float_range)
 from .launch import LAUNCHERS, Launch, LaunchError, check_backends, env_rank, resolve_launcher
 from .launch import start as start_launcher
 from .model import DLRM, arch_from_state_dict, load_checkpoint, unused_keys
+from .reference_flags import (add_reference_flags, apply_reference_flags, arch_flags_given,
+                              checkpoint_arch, command_line_arch)
 from .report import format_comparison, format_summary, summarize, write_json
 from .runner import RankResult, Runner, RunSpec
 from .sharding import PLACEMENTS, ExchangeLayout, place_tables
@@ -114,13 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", metavar="PATH", help="write configuration and results as JSON")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--version", action="version", version=f"dlrm_adapter {__version__}")
+    add_reference_flags(p)
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Options with defaults filled in; ``--launcher auto`` is resolved from the environment
     (``args.launcher_auto`` records that), and the default ``--backend`` follows it."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_reference_flags(args, parser)
     for table in ((DEMO_DEFAULTS,) if args.demo else ()) + (DEFAULTS,):
         for k, v in table.items():
             if getattr(args, k, None) is None:
@@ -206,9 +212,11 @@ def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]
 def build_arch(args: argparse.Namespace) -> Tuple[ModelArch, Optional[Dict[str, torch.Tensor]]]:
     spec = DATASETS[args.dataset]
     if not args.load_model:
-        return arch_for(spec, args.rows_cap), None
+        return command_line_arch(args, arch_for(spec, args.rows_cap)), None
     state = load_checkpoint(args.load_model, trust=args.trust_checkpoint)
-    arch = arch_from_state_dict(state)
+    arch = checkpoint_arch(args, arch_from_state_dict(state))
+    if arch_flags_given(args):
+        return arch, state
     if arch.num_tables != len(spec.table_sizes) or arch.dense_dim != spec.dense_dim:
         raise UsageError(f"checkpoint {args.load_model!r} has {arch.num_tables} tables and "
                          f"{arch.dense_dim} dense inputs; --dataset {spec.name} has "
@@ -217,8 +225,10 @@ def build_arch(args: argparse.Namespace) -> Tuple[ModelArch, Optional[Dict[str, 
 
 
 def build_source(args: argparse.Namespace, arch: ModelArch) -> Source:
-    if args.data:
-        src = CriteoTSVSource(args.data, arch, args.batch_size, args.num_batches)
+    if args.data or args.processed_data:
+        src = (ProcessedSource(args.processed_data, arch, args.batch_size, args.num_batches,
+                               args.max_ind_range) if args.processed_data else
+               CriteoTSVSource(args.data, arch, args.batch_size, args.num_batches))
         args.num_batches = src.num_batches
         return src
     if args.num_batches is None:

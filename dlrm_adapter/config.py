@@ -81,6 +81,9 @@ class ModelArch:
     emb_dim: int
     bot_dims: Tuple[int, ...]  # including the dense input width; last == emb_dim
     top_dims: Tuple[int, ...]  # including the interaction width; last == 1
+    # Per-row pooling weights as the reference's --weighted-pooling: None (plain sum),
+    # "fixed" (all ones) or "learned" (v_W_l.{t} of a checkpoint, ones when made from a seed).
+    weighted_pooling: Optional[str] = None
 
     @property
     def num_tables(self) -> int:
@@ -106,6 +109,33 @@ class ModelArch:
                              f"{self.emb_dim}")
         if self.top_dims[-1] != 1:
             raise ValueError(f"top MLP must end in one output, got {self.top_dims[-1]}")
+        if self.weighted_pooling not in WEIGHTED_POOLING:
+            raise ValueError(f"--weighted-pooling must be fixed or learned, "
+                             f"got {self.weighted_pooling!r}")
+
+    def describe(self) -> str:
+        """The architecture in the reference's flags, to name it in errors."""
+        wp = f" --weighted-pooling {self.weighted_pooling}" if self.weighted_pooling else ""
+        return (f"--arch-embedding-size {'-'.join(map(str, self.table_sizes))} "
+                f"--arch-sparse-feature-size {self.emb_dim} "
+                f"--arch-mlp-bot {'-'.join(map(str, self.bot_dims))} "
+                f"--arch-mlp-top {'-'.join(map(str, self.top_dims[1:]))}{wp}")
+
+
+WEIGHTED_POOLING = (None, "fixed", "learned")
+
+
+def arch_from_dims(table_sizes: Sequence[int], emb_dim: int, bot_dims: Sequence[int],
+                   top_hidden: Sequence[int], weighted_pooling: Optional[str] = None) -> ModelArch:
+    """An architecture given as the reference's --arch-* flags: the top MLP widths
+    exclude its input, which is the dot interaction width."""
+    arch = ModelArch(table_sizes=tuple(int(n) for n in table_sizes), emb_dim=int(emb_dim),
+                     bot_dims=tuple(int(n) for n in bot_dims),
+                     top_dims=(interaction_dim(len(table_sizes), int(emb_dim)),
+                               *(int(n) for n in top_hidden)),
+                     weighted_pooling=weighted_pooling)
+    arch.validate()
+    return arch
 
 
 def arch_for(spec: DatasetSpec, rows_cap: Optional[int] = None) -> ModelArch:
@@ -115,12 +145,5 @@ def arch_for(spec: DatasetSpec, rows_cap: Optional[int] = None) -> ModelArch:
         if rows_cap < 1:
             raise ValueError(f"--rows-cap must be >= 1, got {rows_cap}")
         sizes = [min(n, rows_cap) for n in sizes]
-    top_in = interaction_dim(len(sizes), spec.emb_dim)
-    arch = ModelArch(
-        table_sizes=tuple(int(n) for n in sizes),
-        emb_dim=spec.emb_dim,
-        bot_dims=(spec.dense_dim, *spec.bot_hidden),
-        top_dims=(top_in, *spec.top_hidden),
-    )
-    arch.validate()
-    return arch
+    return arch_from_dims(sizes, spec.emb_dim, (spec.dense_dim, *spec.bot_hidden),
+                          spec.top_hidden)

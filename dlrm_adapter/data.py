@@ -1,4 +1,5 @@
-"""Input batches: deterministic synthetic data and a Criteo Kaggle TSV reader.
+"""Input batches: deterministic synthetic data, a Criteo Kaggle TSV reader and a
+reader of the reference DLRM's processed Criteo files (``.npz``).
 
 A *source* produces global batch ``b`` for any caller.  The rank that owns
 table ``t`` asks for that table's indices over the whole global batch; every
@@ -8,12 +9,15 @@ many ranks there are or which rank asks.
 """
 from __future__ import annotations
 
+import io
 import math
+import zipfile
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from .config import STREAM_DENSE, STREAM_SPARSE, STREAM_TABLE_POOLING, ModelArch, rng
 
@@ -239,19 +243,13 @@ def read_criteo_tsv(path: str, arch: ModelArch, max_rows: Optional[int] = None
     return np.asarray(labels, dtype=np.float32), dense_arr, rows
 
 
-class CriteoTSVSource:
-    """Batches of consecutive lines of a Criteo TSV file (one lookup per bag).
+class _SamplesSource:
+    """Batches of consecutive samples held in memory (one lookup per bag); the last
+    batch may be shorter than ``batch_size``."""
 
-    The file is parsed once (up to ``batch_size * num_batches`` lines); the last
-    batch may be shorter than ``batch_size``.
-    """
-
-    def __init__(self, path: str, arch: ModelArch, batch_size: int,
-                 num_batches: Optional[int]) -> None:
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-        max_rows = None if num_batches is None else batch_size * num_batches
-        self.labels_all, self.dense_all, self.rows_all = read_criteo_tsv(path, arch, max_rows)
+    def __init__(self, arch: ModelArch, batch_size: int, labels: np.ndarray, dense: np.ndarray,
+                 rows: np.ndarray) -> None:
+        self.labels_all, self.dense_all, self.rows_all = labels, dense, rows
         self.arch = arch
         self.batch_size = batch_size
         n = len(self.labels_all)
@@ -282,4 +280,164 @@ class CriteoTSVSource:
         return self.labels_all[start:start + self.size_of(b)]
 
 
-Source = Union[SyntheticSource, CriteoTSVSource]
+def _max_rows(batch_size: int, num_batches: Optional[int]) -> Optional[int]:
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    return None if num_batches is None else batch_size * num_batches
+
+
+class CriteoTSVSource(_SamplesSource):
+    """Batches of consecutive lines of a Criteo TSV file, categories hashed.
+
+    The file is parsed once (up to ``batch_size * num_batches`` lines).
+    """
+
+    def __init__(self, path: str, arch: ModelArch, batch_size: int,
+                 num_batches: Optional[int]) -> None:
+        max_rows = _max_rows(batch_size, num_batches)
+        super().__init__(arch, batch_size, *read_criteo_tsv(path, arch, max_rows))
+
+
+# --------------------------------------------------------------------- processed .npz
+
+def _read_exact(fh: io.BufferedIOBase, nbytes: int, what: str) -> bytes:
+    data = fh.read(nbytes)
+    if len(data) != nbytes:
+        raise ValueError(f"{what}: truncated ({len(data)} of {nbytes} bytes)")
+    return data
+
+
+def _open_npz(path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"--processed-data {path!r}: not a readable .npz file ({exc})") from None
+
+
+def read_npz_rows(path: str, key: str, max_rows: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """The first ``max_rows`` rows of array ``key`` of an ``.npz`` file, and its row count.
+
+    The member is decompressed as a stream, so only the rows asked for are kept
+    (the processed Kaggle file holds ~45M samples); Fortran-ordered members (the
+    reference's per-day files) are read column by column.  Object arrays are refused:
+    nothing is unpickled.
+    """
+    what = f"{path}: {key}"
+    with _open_npz(path) as zf:
+        try:
+            info = zf.getinfo(key + ".npy")
+        except KeyError:
+            have = ", ".join(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
+            raise ValueError(f"--processed-data {path!r} has no array {key!r} (it has {have}); "
+                             f"the reference's processed files hold X_int, X_cat, y and "
+                             f"counts") from None
+        with zf.open(info) as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(fh)
+            except ValueError as exc:
+                raise ValueError(f"{what}: not a .npy array ({exc})") from None
+            if dtype.hasobject or dtype.kind not in "biuf" or len(shape) not in (1, 2):
+                raise ValueError(f"{what}: expected a 1-D or 2-D numeric array, got "
+                                 f"{dtype} of shape {shape}")
+            n = int(shape[0])
+            cols = int(shape[1]) if len(shape) == 2 else 1
+            if n < 0 or cols < 0:
+                raise ValueError(f"{what}: bad shape {shape}")
+            item = dtype.itemsize
+            if n * cols * item != info.file_size - fh.tell():
+                raise ValueError(f"{what}: header says {shape} {dtype} "
+                                 f"({n * cols * item} bytes) but the member holds "
+                                 f"{info.file_size - fh.tell()}")
+            k = n if max_rows is None else min(n, max_rows)
+            if fortran and cols > 1:
+                parts = []
+                for c in range(cols):
+                    parts.append(np.frombuffer(_read_exact(fh, k * item, what), dtype=dtype))
+                    if c + 1 < cols:
+                        fh.seek((n - k) * item, io.SEEK_CUR)
+                out = np.stack(parts, axis=1)
+            else:
+                out = np.frombuffer(_read_exact(fh, k * cols * item, what), dtype=dtype)
+                out = out.reshape((k, cols) if len(shape) == 2 else (k,))
+    return out, n
+
+
+def reference_dense(x_int: np.ndarray) -> np.ndarray:
+    """The reference's dense transform: negatives clamped to 0 (its preprocessing does
+    that), then ``log(x + 1)`` in float32 with torch, bit for bit as its data loader."""
+    x = torch.from_numpy(np.maximum(x_int, 0)).to(torch.float32)
+    return torch.log(x + 1).numpy()
+
+
+def read_processed_counts(path: str) -> Optional[np.ndarray]:
+    """The per-table category counts of a processed file (absent from per-day files)."""
+    with _open_npz(path) as zf:
+        if "counts.npy" not in zf.namelist():
+            return None
+    counts, _ = read_npz_rows(path, "counts")
+    if counts.dtype.kind not in "iu" or (counts < 1).any():
+        raise ValueError(f"--processed-data {path!r}: counts must be positive integers, "
+                         f"got {counts.tolist()}")
+    return counts.astype(np.int64)
+
+
+class ProcessedSource(_SamplesSource):
+    """Batches of consecutive samples of a reference processed Criteo file.
+
+    ``kaggleAdDisplayChallenge_processed.npz``, ``terabyte_processed.npz`` or one
+    day of them (``*_day_N_processed.npz``, ``*_N_reordered.npz``): ``X_int`` (N, 13)
+    integer features, ``X_cat`` (N, 26) categories numbered by the reference's
+    dictionaries, ``y`` (N,) labels.  Dense features get the reference's transform;
+    with ``max_ind_range`` categories are taken modulo it, as the reference does.
+    """
+
+    def __init__(self, path: str, arch: ModelArch, batch_size: int,
+                 num_batches: Optional[int], max_ind_range: Optional[int] = None) -> None:
+        if max_ind_range is not None and max_ind_range < 1:
+            raise ValueError(f"--max-ind-range must be >= 1, got {max_ind_range}")
+        max_rows = _max_rows(batch_size, num_batches)
+        x_int, n_int = read_npz_rows(path, "X_int", max_rows)
+        x_cat, n_cat = read_npz_rows(path, "X_cat", max_rows)
+        y, n_y = read_npz_rows(path, "y", max_rows)
+        if not n_int == n_cat == n_y:
+            raise ValueError(f"--processed-data {path!r}: X_int, X_cat and y hold {n_int}, "
+                             f"{n_cat} and {n_y} samples; they must agree")
+        if n_y == 0:
+            raise ValueError(f"--processed-data {path!r}: no samples found")
+        if x_int.ndim != 2 or x_int.shape[1] != arch.dense_dim:
+            raise ValueError(f"--processed-data {path!r}: X_int has {x_int.shape[1:]} features "
+                             f"per sample; the model has {arch.dense_dim} dense inputs")
+        if x_cat.ndim != 2 or x_cat.shape[1] != arch.num_tables:
+            raise ValueError(f"--processed-data {path!r}: X_cat has {x_cat.shape[1:]} categories "
+                             f"per sample; the model has {arch.num_tables} tables")
+        super().__init__(arch, batch_size, y.astype(np.float32),
+                         reference_dense(x_int), self._rows(path, x_cat, arch, max_ind_range))
+
+    @staticmethod
+    def _rows(path: str, x_cat: np.ndarray, arch: ModelArch,
+              max_ind_range: Optional[int]) -> np.ndarray:
+        if x_cat.dtype.kind == "f":  # the reference's own files store categories as float64
+            if not np.isfinite(x_cat).all() or (np.floor(x_cat) != x_cat).any():
+                raise ValueError(f"--processed-data {path!r}: X_cat holds non-integer values")
+            if x_cat.size and np.abs(x_cat).max() >= 2.0 ** 53:
+                raise ValueError(f"--processed-data {path!r}: X_cat values exceed 2**53")
+        rows = x_cat.astype(np.int64)
+        if rows.size and rows.min() < 0:
+            raise ValueError(f"--processed-data {path!r}: X_cat holds negative category "
+                             f"{int(rows.min())}")
+        if max_ind_range is not None:
+            rows %= max_ind_range
+        for t, size in enumerate(arch.table_sizes):
+            top = int(rows[:, t].max()) if len(rows) else 0
+            if top >= size:
+                hint = ("" if max_ind_range is not None else
+                        f"; if the model was trained with --max-ind-range {size}, add it")
+                raise ValueError(f"--processed-data {path!r}: table {t} is looked up at row "
+                                 f"{top} but has {size} rows{hint}")
+        return np.ascontiguousarray(rows)
+
+
+Source = Union[SyntheticSource, CriteoTSVSource, ProcessedSource]

@@ -3,8 +3,13 @@
 State-dict layout (as ``DLRM_Net``)::
 
     emb_l.{t}.weight            nn.EmbeddingBag(n_t, d, mode="sum")
+    v_W_l.{t}                   (n_t,) per-row pooling weights (--weighted-pooling learned)
     bot_l.{2i}.weight/.bias     nn.Sequential(Linear, ReLU, Linear, ReLU, ...)
     top_l.{2i}.weight/.bias     nn.Sequential(Linear, ReLU, ..., Linear, Sigmoid)
+
+With weighted pooling every lookup of row ``i`` is scaled by the row's weight
+before the bag sum, on the rank that owns the table, so the exchange carries
+pooled vectors exactly as without it.
 
 A rank materialises only the tables it owns; the other slots of ``emb_l`` are
 parameter-free placeholders, so ``state_dict()`` keys stay the reference ones.
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -90,7 +95,8 @@ class DLRM(nn.Module):
 
     def __init__(self, arch: ModelArch, local_tables: Iterable[int],
                  table_weight: Callable[[int], torch.Tensor], mlp_state: Mapping[str, torch.Tensor],
-                 chunk: int = 64) -> None:
+                 chunk: int = 64,
+                 pooling_weight: Optional[Callable[[int], torch.Tensor]] = None) -> None:
         super().__init__()
         arch.validate()
         if chunk < 1:
@@ -101,6 +107,8 @@ class DLRM(nn.Module):
         for t in self.local_tables:
             if not 0 <= t < arch.num_tables:
                 raise ValueError(f"table {t} does not exist (the model has {arch.num_tables})")
+        # table -> (rows,) float32 weights of its rows, local tables only
+        self.v_W_l: Dict[int, torch.Tensor] = {}
         mods: List[nn.Module] = []
         for t, rows in enumerate(arch.table_sizes):
             if t in self.local_tables:
@@ -109,6 +117,13 @@ class DLRM(nn.Module):
                     raise ValueError(f"emb_l.{t}.weight has shape {tuple(w.shape)}, "
                                      f"expected {(rows, arch.emb_dim)}")
                 mods.append(nn.EmbeddingBag(rows, arch.emb_dim, mode="sum", _weight=w))
+                if arch.weighted_pooling:
+                    v = pooling_weight(t) if pooling_weight else torch.ones(rows)
+                    v = v.to(torch.float32).contiguous()
+                    if tuple(v.shape) != (rows,):
+                        raise ValueError(f"v_W_l.{t} has shape {tuple(v.shape)}, expected "
+                                         f"({rows},): one pooling weight per row of emb_l.{t}")
+                    self.v_W_l[t] = v
             else:
                 mods.append(nn.Identity())  # table lives on another rank
         self.emb_l = nn.ModuleList(mods)
@@ -132,6 +147,7 @@ class DLRM(nn.Module):
     @classmethod
     def from_seed(cls, arch: ModelArch, local_tables: Iterable[int], seed: int,
                   chunk: int = 64) -> "DLRM":
+        """Reference init; pooling weights (if any) start at one, as the reference's do."""
         mlp = {**init_mlp("bot_l", arch.bot_dims, seed, STREAM_BOT_INIT),
                **init_mlp("top_l", arch.top_dims, seed, STREAM_TOP_INIT)}
         return cls(arch, local_tables,
@@ -145,8 +161,17 @@ class DLRM(nn.Module):
             if key not in state:
                 raise ValueError(f"checkpoint lacks {key}")
             return state[key].detach().clone()
+
+        def pooling(t: int) -> torch.Tensor:
+            if arch.weighted_pooling == "fixed":
+                return torch.ones(arch.table_sizes[t])
+            key = f"v_W_l.{t}"
+            if key not in state:
+                raise ValueError(f"checkpoint lacks {key} (--weighted-pooling learned needs the "
+                                 f"learned weights of every table)")
+            return state[key].detach().clone()
         mlp = {k: v.detach() for k, v in state.items() if k.startswith(("bot_l.", "top_l."))}
-        return cls(arch, local_tables, table, mlp, chunk)
+        return cls(arch, local_tables, table, mlp, chunk, pooling)
 
     # -------------------------------------------------------------- pieces of a step
 
@@ -156,8 +181,14 @@ class DLRM(nn.Module):
         outs = []
         for t in self.local_tables:
             idx, offsets = sparse[t]
+            rows = torch.from_numpy(idx)
             bag = self.emb_l[t]
-            outs.append(bag(torch.from_numpy(idx), torch.from_numpy(offsets)))
+            v = self.v_W_l.get(t)
+            if v is None:
+                outs.append(bag(rows, torch.from_numpy(offsets)))
+            else:  # scale each lookup by its row's weight, then sum the bag
+                outs.append(bag(rows, torch.from_numpy(offsets),
+                                per_sample_weights=v.index_select(0, rows)))
         if not outs:
             return torch.empty(batch_size, 0, self.arch.emb_dim)
         return torch.stack(outs, dim=1)
@@ -196,20 +227,46 @@ class DLRM(nn.Module):
 
 _EMB = re.compile(r"^emb_l\.(\d+)\.weight$")
 _LIN = re.compile(r"^(bot_l|top_l)\.(\d+)\.weight$")
+_POOL = re.compile(r"^v_W_l\.(\d+)$")
+_QR = re.compile(r"^emb_l\.(\d+)\.weight_[qr]$")
+_MD = re.compile(r"^emb_l\.(\d+)\.(embs|proj)\.weight$")
+_DDP = re.compile(r"^(bot_l|top_l)\.module\.")
+
+
+def _reference_save_globals() -> List[object]:
+    """What the reference's ``--save-model`` pickles besides tensors: ``test_acc`` and
+    ``train_loss`` (and ``total_loss``/``test_auc``) are numpy float64/float32 scalars.
+
+    A numpy scalar unpickles through ``multiarray.scalar`` (spelt ``numpy._core`` by
+    numpy 2, ``numpy.core`` by numpy 1) and its ``dtype``, whose state is set on the
+    dtype's class.  Nothing else is allowed.
+    """
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    allowed: List[object] = [(scalar, "numpy._core.multiarray.scalar"),
+                             (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 names the dtype classes
+    if dtypes is not None:
+        allowed += [dtypes.Float64DType, dtypes.Float32DType]
+    return allowed
 
 
 def load_checkpoint(path: str, trust: bool = False) -> StateDict:
     """A reference checkpoint as a flat state dict (accepts ``{"state_dict": ...}`` too).
 
-    Loaded with ``weights_only=True`` unless ``trust``; memory-mapped when the file
-    format allows, so ranks only touch the tables they own.
+    Loaded with ``weights_only=True`` unless ``trust``, allowing only the numpy
+    scalars the reference's save format holds; memory-mapped when the file format
+    allows, so ranks only touch the tables they own.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--load-model: no such file {path!r}")
     obj = None
     for mmap in (True, False):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
+            with torch.serialization.safe_globals(_reference_save_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
             break
         except Exception as exc:  # noqa: BLE001 - torch raises several types here
             if mmap and "mmap" in str(exc).lower():
@@ -247,9 +304,41 @@ def _mlp_dims(state: StateDict, prefix: str) -> Tuple[int, ...]:
     return tuple(dims)
 
 
+def _numbers(state: StateDict, pattern: "re.Pattern[str]") -> List[int]:
+    return sorted({int(m.group(1)) for k in state for m in [pattern.match(k)] if m})
+
+
+def refuse_unsupported(state: StateDict) -> None:
+    """Name what a reference checkpoint is when it is not a whole dot-interaction DLRM_Net."""
+    if any(_DDP.match(k) for k in state):
+        tables = _numbers(state, _EMB)
+        raise ValueError(
+            f"checkpoint is one rank's shard of a multi-rank reference run (its MLPs are "
+            f"DistributedDataParallel-wrapped: bot_l.module.*, top_l.module.*) holding "
+            f"{len(tables)} embedding table(s) in that rank's own numbering "
+            f"(emb_l.{tables[0] if tables else 0}..); the other tables are in the other ranks' "
+            f"files. To load it, merge the shards of all ranks into one state_dict: every "
+            f"rank's emb_l.{{k}} renumbered to its global table number (ranks hold consecutive "
+            f"tables, rank 0 first), and '.module' dropped from the MLP keys")
+    qr = _numbers(state, _QR)
+    if qr:
+        raise ValueError(
+            f"checkpoint holds quotient-remainder (QR) embeddings (--qr-flag: emb_l.{qr[0]}"
+            f".weight_q/.weight_r for table(s) {qr}); QR embeddings are not supported by "
+            f"dlrm_adapter (the combining operation is not stored in the file); retrain "
+            f"without --qr-flag to load the model here")
+    md = _numbers(state, _MD)
+    if md:
+        raise ValueError(
+            f"checkpoint holds mixed-dimension (MD) embeddings (--md-flag: emb_l.{md[0]}"
+            f".embs.weight/.proj.weight for table(s) {md}); MD embeddings are not supported "
+            f"by dlrm_adapter; retrain without --md-flag to load the model here")
+
+
 def arch_from_state_dict(state: StateDict) -> ModelArch:
-    """Infer table sizes and MLP widths from reference parameter names and shapes."""
-    tables = sorted(int(m.group(1)) for k in state for m in [_EMB.match(k)] if m)
+    """Infer table sizes, MLP widths and weighted pooling from reference parameter names."""
+    refuse_unsupported(state)
+    tables = _numbers(state, _EMB)
     if not tables:
         raise ValueError("checkpoint has no emb_l.{t}.weight entries")
     if tables != list(range(len(tables))):
@@ -258,15 +347,30 @@ def arch_from_state_dict(state: StateDict) -> ModelArch:
     dims = {s[1] for s in shapes if len(s) == 2}
     if len(dims) != 1 or any(len(s) != 2 for s in shapes):
         raise ValueError(f"embedding tables must be 2-D with one common dimension, got {shapes}")
+    pooled = _numbers(state, _POOL)
+    if pooled and pooled != tables:
+        missing = sorted(set(tables) - set(pooled))
+        raise ValueError(f"checkpoint has learned pooling weights v_W_l.* for tables {pooled} "
+                         f"but not for {missing or 'all of them'}; the reference learns them for "
+                         f"every table or none")
     arch = ModelArch(table_sizes=tuple(int(s[0]) for s in shapes), emb_dim=dims.pop(),
-                     bot_dims=_mlp_dims(state, "bot_l"), top_dims=_mlp_dims(state, "top_l"))
+                     bot_dims=_mlp_dims(state, "bot_l"), top_dims=_mlp_dims(state, "top_l"),
+                     weighted_pooling="learned" if pooled else None)
     arch.validate()
+    extra = unused_keys(state, arch)
+    if extra:
+        raise ValueError(
+            f"checkpoint entries {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''} are "
+            f"not part of the dot-interaction DLRM_Net this adapter runs; they may change the "
+            f"predictions, so the file is refused rather than run without them")
     return arch
 
 
 def unused_keys(state: StateDict, arch: ModelArch) -> List[str]:
-    """Checkpoint entries the inference model ignores (e.g. optimizer leftovers)."""
+    """Checkpoint entries the inference model would not use."""
     used = {f"emb_l.{t}.weight" for t in range(arch.num_tables)}
+    if arch.weighted_pooling == "learned":
+        used |= {f"v_W_l.{t}" for t in range(arch.num_tables)}
     for prefix, dims in (("bot_l", arch.bot_dims), ("top_l", arch.top_dims)):
         for i in range(len(dims) - 1):
             used |= {f"{prefix}.{2 * i}.weight", f"{prefix}.{2 * i}.bias"}
