@@ -24,7 +24,7 @@ from .data import (CriteoTSVSource, Pooling, ProcessedSource, Source, SyntheticS
                    parse_float_range)
 from .launch import LAUNCHERS, Launch, LaunchError, check_backends, env_rank, resolve_launcher
 from .launch import start as start_launcher
-from .model import DLRM, arch_from_state_dict, load_checkpoint, unused_keys
+from .model import DLRM, arch_from_state_dict, load_checkpoint
 from .reference_flags import (add_reference_flags, apply_reference_flags, arch_flags_given,
                               checkpoint_arch, command_line_arch)
 from .report import format_comparison, format_summary, summarize, write_json
@@ -313,11 +313,8 @@ def setup(args: argparse.Namespace, launch: Launch) -> Job:
     tables = place_tables(args.placement, size, arch.table_sizes, source.mean_lookups())
     layout = ExchangeLayout(tuple(tuple(ts) for ts in tables), arch.emb_dim, rank)
     if state is not None:
+        # build_arch already refused any entry the model would not use.
         model = DLRM.from_state_dict(arch, layout.my_tables, state, args.chunk)
-        ignored = unused_keys(state, arch)
-        if ignored and rank == 0:
-            print(f"note: ignoring checkpoint entries {', '.join(ignored[:8])}"
-                  + (" ..." if len(ignored) > 8 else ""), flush=True)
     else:
         model = DLRM.from_seed(arch, layout.my_tables, args.seed, args.chunk)
     max_batch = max(source.size_of(b) for b in range(source.num_batches))
