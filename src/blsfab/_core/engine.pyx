@@ -209,7 +209,7 @@ cdef class RingEngine(RingSender):
         cdef bls_address_header_t hdr
         cdef bls_ring_address_t mine
         cdef bytes name
-        self.check_usable()
+        self.check_usable(False)
         if len(blobs) != self.size:
             raise ValueError(f"connect needs {self.size} address blobs, one per rank; "
                              f"got {len(blobs)}")
@@ -238,7 +238,7 @@ cdef class RingEngine(RingSender):
         this takes the connection cost out of the first iteration."""
         cdef int r, rc = RC_OK
         cdef double deadline = monotonic() + timeout
-        self.check_usable()
+        self.check_usable(False)
         with nogil:
             for r in range(self.size):
                 if r != self.rank:
@@ -409,18 +409,44 @@ cdef class RingEngine(RingSender):
     def make_progress(self):
         """Poll the completion queue once. Returns the number of completions."""
         cdef int n
-        self.check_usable()
+        self.check_usable(False)
         self.lock()
         n = self.progress()
         self.unlock()
         self.check_rc(n)
         return n
 
+    def progress_for_teardown(self):
+        """make_progress for the barrier of close(): any thread may close once
+        the owner is done, and a broken engine joins without polling."""
+        cdef int n
+        if self.closed or self.broken:
+            return 0
+        self.lock()
+        n = self.progress()
+        self.unlock()
+        self.check_rc(n)
+        return n
+
+    def _send_notification(self, int dst, uint32_t imm, double timeout=5.0):
+        """Testing only: send ``imm`` to ``dst`` as a bare notification, as a
+        hostile or corrupt peer could."""
+        cdef int rc
+        cdef double deadline = monotonic() + timeout
+        self.check_usable(False)
+        if not (0 <= dst < self.size) or dst == self.rank:
+            raise ValueError(f"dst={dst} is not a peer")
+        with nogil:
+            self.lock()
+            rc = self.notify(dst, imm, deadline)
+            self.unlock()
+        self.check_rc(rc)
+
     def _handle_notification(self, uint32_t imm):
         """Testing only: handle ``imm`` as if a peer's notification had just
         arrived, to check how forged or corrupt ones are treated."""
         cdef int rc
-        self.check_usable()
+        self.check_usable(False)
         self.lock()
         rc = self.on_notification(imm)
         self.unlock()
@@ -511,6 +537,9 @@ cdef class RingEngine(RingSender):
             self.close()
         except FabricError:
             pass  # nothing to report to from here; the memory stays allocated
+
+
+IMM_WANT = BLS_IMM_WANT
 
 
 def imm_encode(uint32_t kind, uint32_t rank, uint64_t count):

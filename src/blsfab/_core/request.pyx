@@ -185,7 +185,9 @@ cdef class Request:
         if self.result is not None:
             return True
         self.check_usable()
+        self.engine.check_not_broken()
         if not self.is_detached():
+            self.engine.check_usable()
             self.engine.make_progress()
             if not self.is_detached():
                 return False
@@ -203,6 +205,7 @@ cdef class Request:
         if self.result is not None:
             return self.result
         self.check_usable()
+        self.engine.check_not_broken()
         if not self.is_detached():
             self.engine.check_usable()
             limit = self.engine.default_timeout if timeout is None else timeout

@@ -146,7 +146,7 @@ cdef class RingProgress(RingReceiver):
         """Poll from a background thread (without the GIL) between calls, so
         data lands and credits flow while the caller computes."""
         import threading
-        self.check_usable()
+        self.check_usable(False)
         if self.threaded:
             return
         self.thread_stop = False

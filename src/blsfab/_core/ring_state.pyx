@@ -180,6 +180,12 @@ cdef class RingState:
             self.break_with(exc, iteration)
         raise exc
 
+    @property
+    def broken(self):
+        """True once a failure has broken the engine (every call then raises
+        BrokenError until close())."""
+        return self.broken is not None or self.thread_rc < 0
+
     cdef int break_with(self, object cause, int64_t iteration) except -1:
         if self.broken is None:
             self.broken = BrokenError(
@@ -188,8 +194,16 @@ cdef class RingState:
                 cause=cause, iteration=iteration, provider=self.provider)
         return 0
 
-    cdef int check_usable(self) except -1:
-        """Every call starts here: closed, broken, or not this thread's?"""
+    cdef int check_not_broken(self) except -1:
+        """For results already received: even those are refused once broken."""
+        if self.broken is not None:
+            raise self.broken
+        return 0
+
+    cdef int check_usable(self, bint bind=True) except -1:
+        """Every call starts here: closed, broken, or not this thread's? The
+        first collective call binds the engine to its thread (set-up and
+        teardown do not, so another thread may create or close it)."""
         cdef unsigned long me
         cdef int thread_rc
         if self.closed:
@@ -204,7 +218,8 @@ cdef class RingState:
             raise self.broken
         me = PyThread_get_thread_ident()
         if not self.owned:
-            self.owner, self.owned = me, True
+            if bind:
+                self.owner, self.owned = me, True
         elif me != self.owner:
             raise RuntimeError(
                 f"rank {self.rank}: this communicator belongs to thread {self.owner} and was "
