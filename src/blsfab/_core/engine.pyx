@@ -3,15 +3,13 @@
 # arrives), ring_progress.pyx (polling, waiting, credits) and ring_send.pyx
 # (what leaves); ring_state.pyx turns failures into exceptions.
 
-import os as _os
-
 
 cdef uint64_t random_key(size_t key_bytes):
     """An unpredictable memory-region key of ``key_bytes`` bytes (at most 8), never 0."""
     cdef uint64_t key = 0
     cdef size_t n = key_bytes if 0 < key_bytes < 8 else 8
     while key == 0:
-        key = int.from_bytes(_os.urandom(n), "little")
+        key = int.from_bytes(os.urandom(n), "little")
     return key
 
 
@@ -492,6 +490,7 @@ cdef class RingEngine(RingSender):
             "ring_slots": self.ring_slots, "slot_bytes": self.slot_bytes,
             "inject_limit": self.inject_limit, "selective_completion": self.selective,
             "fabric": self.info.fabric_name, "domain": self.info.domain_name,
+            "nic": self.info.chosen.get("device") if self.info.chosen else None,
         }
 
     # ---- lifetime -----------------------------------------------------------------

@@ -15,8 +15,6 @@
 # A slot is therefore never overwritten before its receiver is done with it,
 # on any provider, including verbs where writes land without the target's CPU.
 
-from libc.string cimport strncpy
-
 
 cdef class RingProgress(RingReceiver):
 
