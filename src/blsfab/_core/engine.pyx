@@ -237,6 +237,7 @@ cdef class RingEngine(RingSender):
         cdef int r, rc = RC_OK
         cdef double deadline = monotonic() + timeout
         self.check_usable(False)
+        self.enter()
         with nogil:
             for r in range(self.size):
                 if r != self.rank:
@@ -246,6 +247,7 @@ cdef class RingEngine(RingSender):
                     rc = RC_OK
             if rc == RC_OK:
                 rc = self.wait_greeted(deadline)
+        self.leave()
         if rc == RC_TIMEOUT:
             missing = [r for r in range(self.size) if r != self.rank and not self.peers[r].greeted]
             raise BlsTimeoutError(
@@ -305,6 +307,7 @@ cdef class RingEngine(RingSender):
                            bint keep_gil) except -1:
         cdef uint64_t puts_before = self.counters.puts
         cdef int rc
+        self.enter()
         if keep_gil:
             # Releasing the GIL costs more than a small post; the wait
             # primitive releases it anyway if the post has to wait.
@@ -316,6 +319,7 @@ cdef class RingEngine(RingSender):
                 self.lock()
                 rc = self.post_items(items, m, deadline)
                 self.unlock()
+        self.leave()
         if rc < 0:
             self.post_failed(rc, requests, puts_before)
         return 0
@@ -373,7 +377,7 @@ cdef class RingEngine(RingSender):
     def wait_heard(self, int64_t need, double timeout):
         """Block, progressing, until every peer has posted ``need`` iterations.
         Returns the lead: iterations posted here beyond the slowest peer."""
-        self.check_usable()
+        self.check_usable(False)
         return self._await_heard(need, monotonic() + timeout, timeout)
 
     cdef int64_t _await_heard(self, int64_t need, double deadline, double timeout) except? -1:
@@ -381,10 +385,12 @@ cdef class RingEngine(RingSender):
         leaves the communicator usable: every post is complete."""
         cdef int rc
         if self.min_heard() < need:
+            self.enter()
             with nogil:
                 self.lock()
                 rc = self.wait_heard_nogil(need, deadline)
                 self.unlock()
+            self.leave()
             self.check_rc(rc, self.posted - 1, "", need, timeout)
         return self.note_lead()
 
