@@ -86,6 +86,7 @@ cdef class RingEngine(RingSender):
         self.ep_obj = Endpoint(self.domain_obj, self.cq_obj, self.av_obj)
         self.ep, self.cq = self.ep_obj.ep, self.cq_obj.cq
         self.selective = self.ep_obj.selective_completion
+        self.check_source = info.source_addresses
 
         # One region per sender ring, each under its own random key that only
         # that sender learns: a peer can address no ring but its own.
@@ -497,6 +498,7 @@ cdef class RingEngine(RingSender):
             "inject_limit": self.inject_limit, "selective_completion": self.selective,
             "fabric": self.info.fabric_name, "domain": self.info.domain_name,
             "nic": self.info.chosen.get("device") if self.info.chosen else None,
+            "source_checked": self.check_source,
         }
 
     # ---- lifetime -----------------------------------------------------------------

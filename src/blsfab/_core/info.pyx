@@ -7,6 +7,8 @@ MR_MODE_SUPPORTED = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV
 MR_MODE_BITS = {"LOCAL": FI_MR_LOCAL, "VIRT_ADDR": FI_MR_VIRT_ADDR,
                 "ALLOCATED": FI_MR_ALLOCATED, "PROV_KEY": FI_MR_PROV_KEY,
                 "ENDPOINT": FI_MR_ENDPOINT, "RAW": FI_MR_RAW}
+# Providers whose completions' FI_SOURCE address is the writer's AV address.
+SOURCE_CHECKED_PROVIDERS = ("shm",)
 # The immediate data encoding (include/blsfab/wire.h) fits the 4 bytes verbs offers.
 CQ_DATA_BYTES = 4
 API_VERSION = (1, 17)
@@ -89,18 +91,29 @@ cdef class FabricInfo:
         if the provider is absent or cannot do what the engine needs."""
         cdef fi_info* hints = fi_allocinfo()
         cdef fi_info* found = NULL
-        cdef int ret
+        cdef int ret = -1
         if hints == NULL:
             raise MemoryError("fi_allocinfo")
         try:
-            hints.caps = FI_RMA | FI_WRITE | FI_REMOTE_WRITE
             hints.mode = FI_CONTEXT | FI_RX_CQ_DATA
             hints.ep_attr.type = FI_EP_RDM
             hints.domain_attr.mr_mode = MR_MODE_SUPPORTED
             hints.domain_attr.cq_data_size = CQ_DATA_BYTES
             hints.domain_attr.threading = FI_THREAD_DOMAIN
             hints.fabric_attr.prov_name = strdup(provider.encode())
-            ret = fi_getinfo(FI_VERSION(API_VERSION[0], API_VERSION[1]), NULL, NULL, 0, hints, &found)
+            # With FI_SOURCE, completions name the endpoint that wrote, so a
+            # notification cannot claim another rank. Only where the source
+            # is known to be the writer's AV address: tcp;ofi_rxm offers
+            # FI_SOURCE but reports other numbers (measured with 3 ranks).
+            for caps in (FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_SOURCE,
+                         FI_RMA | FI_WRITE | FI_REMOTE_WRITE):
+                if caps & FI_SOURCE and provider not in SOURCE_CHECKED_PROVIDERS:
+                    continue
+                hints.caps = caps
+                ret = fi_getinfo(FI_VERSION(API_VERSION[0], API_VERSION[1]), NULL, NULL, 0,
+                                 hints, &found)
+                if ret == 0 and found != NULL:
+                    break
         finally:
             fi_freeinfo(hints)
         if ret != 0 or found == NULL:
@@ -138,6 +151,11 @@ cdef class FabricInfo:
     @property
     def mr_mode_names(self):
         return sorted(n for n, bit in MR_MODE_BITS.items() if self.info.domain_attr.mr_mode & bit)
+
+    @property
+    def source_addresses(self):
+        """Completions report the writer's address (FI_SOURCE)."""
+        return bool(self.info.caps & FI_SOURCE)
 
     @property
     def mr_key_size(self):

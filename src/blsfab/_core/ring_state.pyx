@@ -46,7 +46,9 @@ cdef class RingState:
     cdef uint64_t scratch_word
     # One CQ batch; entries not yet handled survive a failed poll.
     cdef fi_cq_data_entry batch[16]
+    cdef fi_addr_t batch_source[16]     # with FI_SOURCE: who wrote each entry
     cdef int batch_next, batch_len
+    cdef bint check_source
     # progress="thread": a thread polls between calls; every entry point then
     # holds this mutex, and the thread takes it for one poll at a time.
     cdef pthread_mutex_t mutex
