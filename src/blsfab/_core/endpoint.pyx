@@ -18,24 +18,17 @@ cdef class CompletionQueue:
         self.domain = domain
         check(fi_cq_open(domain.domain, &attr, &self.cq, NULL), "fi_cq_open", domain.provider)
 
-    cdef str read_error(self):
-        """Describe the error entry at the head of the CQ (after -FI_EAVAIL)."""
-        cdef fi_cq_err_entry err
-        cdef char buf[256]
-        memset(&err, 0, sizeof(err))
-        if fi_cq_readerr(self.cq, &err, 0) < 0:
-            return "unreadable error completion"
-        detail = fi_cq_strerror(self.cq, err.prov_errno, err.err_data, buf, sizeof(buf))
-        return (f"{fi_error_text(err.err)} (err {err.err}, provider errno {err.prov_errno}: "
-                f"{detail.decode(errors='replace') if detail != NULL else '?'})")
-
     def close(self):
-        if self.cq != NULL:
-            fi_close(&self.cq.fid)
+        cdef fid_cq* cq = self.cq
+        if cq != NULL:
             self.cq = NULL
+            close_fid(&cq.fid, "cq", self.domain.provider)
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here
 
 
 cdef class AddressVector:
@@ -60,12 +53,16 @@ cdef class AddressVector:
         return 0
 
     def close(self):
-        if self.av != NULL:
-            fi_close(&self.av.fid)
+        cdef fid_av* av = self.av
+        if av != NULL:
             self.av = NULL
+            close_fid(&av.fid, "av", self.domain.provider)
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here
 
 
 cdef class Endpoint:
@@ -100,9 +97,13 @@ cdef class Endpoint:
         return PyBytes_FromStringAndSize(buf, length)
 
     def close(self):
-        if self.ep != NULL:
-            fi_close(&self.ep.fid)
+        cdef fid_ep* ep = self.ep
+        if ep != NULL:
             self.ep = NULL
+            close_fid(&ep.fid, "endpoint", self.domain.provider)
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here
