@@ -62,6 +62,10 @@ class Backend:
     def poke(self, handle: Any) -> None:
         """Give the library a chance to progress ``handle`` (no-op by default)."""
 
+    def done(self, handle: Any) -> bool:
+        """Progress ``handle`` and say whether ``finish`` would return without waiting."""
+        return self.synchronous
+
     def quiesce(self) -> None:
         """Called with nothing in flight, before a control-plane barrier: make sure no
         peer still needs this rank's progress (no-op by default)."""
@@ -128,6 +132,9 @@ class MPINonblocking(Backend):
 
     def poke(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> None:
         handle[0].Test()
+
+    def done(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> bool:
+        return bool(handle[0].Test())
 
     def finish(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         req, recv, _ = handle
@@ -204,6 +211,9 @@ class BLS(Backend):
     def poke(self, handle: Tuple[Any, List[int]]) -> None:
         handle[0].test()
 
+    def done(self, handle: Tuple[Any, List[int]]) -> bool:
+        return bool(handle[0].test())
+
     def finish(self, handle: Tuple[Any, List[int]]) -> torch.Tensor:
         req, expected = handle
         if self.poll_s > 0:
@@ -261,6 +271,9 @@ class TorchCollective(Backend):
 
     def poke(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> None:
         handle[0].is_completed()
+
+    def done(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> bool:
+        return bool(handle[0].is_completed())
 
     def finish(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         work, recv, _ = handle

@@ -6,8 +6,12 @@ One step for global batch ``b`` on rank ``r``:
 2. ``apply_emb``: pooled embeddings of r's tables for the whole global batch;
 3. start the alltoallv that gives every rank all tables for its batch slice;
 4. bottom MLP on r's slice while the exchange is in flight;
-5. push (handle, bottom output) on a FIFO; while it holds more than ``bound``
-   entries, finish the oldest: wait, interaction, top MLP -> predictions;
+5. push (handle, bottom output) on a FIFO and finish batches from its head:
+   wait, interaction, top MLP -> predictions.  ``complete="eager"`` (the default)
+   finishes every head entry whose exchange has already completed, then, like
+   ``"lazy"`` (the paper's rule), waits for the oldest while the FIFO holds more
+   than ``bound`` entries.  Eager completion changes when a prediction is made,
+   never what it is, and never the order of the exchanges;
 6. after the last batch, drain the FIFO.
 """
 from __future__ import annotations
@@ -27,6 +31,10 @@ from .model import DLRM
 from .report import ProgressBar
 from .sharding import ExchangeLayout, batch_slices
 
+# When a finished exchange turns into predictions: as soon as it is done, or only
+# when the FIFO is over the bound (the paper's rule).
+COMPLETIONS = ("eager", "lazy")
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -40,9 +48,12 @@ class RunSpec:
     slow_rank: Optional[int] = None
     slow_ms: float = 0.0
     label: str = ""
+    complete: str = "eager"
 
     def describe(self) -> str:
         parts = [f"{self.backend} bound={self.bound}"]
+        if self.complete != "eager":
+            parts.append(f"complete={self.complete}")
         if self.delay_ms:
             parts.append(f"delay={self.delay_ms[0]:g}:{self.delay_ms[1]:g}ms")
         if self.slow_rank is not None and self.slow_ms > 0:
@@ -141,6 +152,18 @@ class Runner:
             res.preds[p.batch] = pred.numpy().copy()
             res.latency_s.append(time.perf_counter() - p.t_start)
 
+    def _complete(self, fifo: Deque[_Pending], spec: RunSpec, backend: Backend,
+                  res: RankResult, keep: bool) -> None:
+        """Finish batches at the head of the FIFO: eagerly every one whose exchange is
+        done, then (both policies) the oldest while more than ``bound`` are in flight."""
+        if spec.complete == "eager":
+            while fifo and backend.done(fifo[0].handle):
+                self._finish(fifo.popleft(), backend, res, keep)
+        elif fifo and not backend.synchronous:
+            backend.poke(fifo[0].handle)
+        while len(fifo) > spec.bound:
+            self._finish(fifo.popleft(), backend, res, keep)
+
     def _pass(self, spec: RunSpec, backend: Backend, batches: List[int], res: RankResult,
               keep: bool, delays: Optional[np.random.Generator]) -> None:
         fifo: Deque[_Pending] = deque()
@@ -157,10 +180,7 @@ class Runner:
                     res.slept_s += time.perf_counter() - t0
             fifo.append(self._start(b, backend, res, t0))
             res.max_fifo = max(res.max_fifo, len(fifo))
-            if not backend.synchronous:
-                backend.poke(fifo[0].handle)
-            while len(fifo) > spec.bound:
-                self._finish(fifo.popleft(), backend, res, keep)
+            self._complete(fifo, spec, backend, res, keep)
             if keep:
                 res.iter_s.append(time.perf_counter() - t0)
             bar.update(i + 1)
@@ -174,6 +194,9 @@ class Runner:
         """Warm up (untimed, no delays), then time ``spec.num_batches`` batches."""
         if spec.bound < 0:
             raise ValueError(f"--bound must be >= 0, got {spec.bound}")
+        if spec.complete not in COMPLETIONS:
+            raise ValueError(f"--complete must be one of {', '.join(COMPLETIONS)}; "
+                             f"got {spec.complete!r}")
         res = RankResult(rank=self.rank)
         n_src = self.source.num_batches
         with torch.inference_mode():
