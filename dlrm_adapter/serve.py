@@ -341,12 +341,15 @@ class Server:
             if pause > 0:
                 time.sleep(pause)
                 res.slept_s += time.perf_counter() - t_step
-            # batch what has arrived: a full batch, or the oldest waited long enough
+            # batch what has arrived: a full batch, or the oldest waited long enough and
+            # no earlier step is still waiting for a peer (a rank ahead of the others
+            # gains nothing by posting: its queries would wait for them anyway, so it
+            # keeps batching; a full batch goes at once, within the bound)
             while len(q) < cap and tester.is_alive():
-                start = q[0][2] if q else t_step
-                if time.perf_counter() >= start + wait_s:
-                    break
                 pipe.complete()  # eager: answer finished batches while waiting
+                start = q[0][2] if q else t_step
+                if time.perf_counter() >= start + wait_s and not pipe.fifo:
+                    break
                 time.sleep(POLL_S)
             batch = [q.popleft() for _ in range(min(cap, len(q)))]
             finished = not tester.is_alive() and not q and not batch
