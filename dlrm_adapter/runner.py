@@ -3,7 +3,9 @@
 One step for global batch ``b`` on rank ``r``:
 
 1. (optional) injected delay;
-2. ``apply_emb``: pooled embeddings of r's tables for the whole global batch;
+2. ``apply_emb``: pooled embeddings of r's tables for the whole global batch (with
+   ``--input-dist``: first send r's own samples' indices to the table owners and
+   pool the batch whose inputs were sent ``input_lag`` steps ago, see input_dist.py);
 3. start the alltoallv that gives every rank all tables for its batch slice;
 4. bottom MLP on r's slice while the exchange is in flight;
 5. push (handle, bottom output) on a FIFO and finish batches from its head:
@@ -13,6 +15,9 @@ One step for global batch ``b`` on rank ``r``:
    than ``bound`` entries.  Eager completion changes when a prediction is made,
    never what it is, and never the order of the exchanges;
 6. after the last batch, drain the FIFO.
+
+``Pipeline`` holds steps 2-6 for one pass; the closed loop (``Runner``) and the
+LoadGen server (serve.py) feed it batches.
 """
 from __future__ import annotations
 

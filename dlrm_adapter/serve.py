@@ -21,13 +21,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .config import STREAM_DELAY, rng
 from .input_dist import DEFAULT_CHAIN_BYTES, LocalInputs, offsets_of
+from .report import write_json
+from .runner import Pipeline, RankResult
 
 SCENARIOS = ("server", "offline")
 SERVING_DEFAULTS: Dict[str, Any] = {
@@ -105,8 +107,6 @@ def validate(args: argparse.Namespace) -> List[float]:
                 raise ValueError(f"--{flag.replace('_', '-')} applies to --scenario server "
                                  f"or offline")
         return []
-    if args.input_dist is False:
-        raise ValueError("--scenario always distributes inputs")
     try:
         qps = [float(q) for q in str(args.target_qps).split(",") if q.strip()]
     except ValueError:
@@ -223,9 +223,9 @@ class ServeResult:
     wall_s: float = 0.0
     blocked_s: float = 0.0
     slept_s: float = 0.0
-    latency_s: List[float] = field(default_factory=list)
-    ids: List[int] = field(default_factory=list)
-    preds: List[float] = field(default_factory=list)
+    latency_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    preds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     loadgen: Dict[str, Any] = field(default_factory=dict)
     backend_stats: Dict[str, Any] = field(default_factory=dict)
 
@@ -260,7 +260,6 @@ class Server:
         return ts
 
     def run(self, spec: Any, backend: Any, qps: float, logdir: str) -> ServeResult:
-        from .runner import Pipeline, RankResult
         lg = import_loadgen()
         args, res = self.args, ServeResult(self.rank)
         os.makedirs(logdir, exist_ok=True)
@@ -273,21 +272,23 @@ class Server:
         log.log_output.copy_summary_to_stdout = False
         log.enable_trace = False
         step_res = RankResult(rank=self.rank)
-        keep: List[Any] = []  # response buffers stay alive until LoadGen has them
+        latency: List[float] = []
+        ids: List[int] = []
+        preds: List[np.ndarray] = []
 
         def respond(p: Any, pred: torch.Tensor) -> None:
             if p.tag is None:
                 return
             now = time.perf_counter()
             values = np.ascontiguousarray(pred.numpy(), dtype=np.float32)
-            base = values.ctypes.data
+            base = values.ctypes.data  # LoadGen copies what it logs during the call
             lg.QuerySamplesComplete([lg.QuerySampleResponse(qid, base + 4 * i, 4)
                                      for i, (qid, _, _) in enumerate(p.tag)])
-            keep.append(values)
             res.answered += len(p.tag)
-            res.latency_s.extend(now - t for _, _, t in p.tag)
-            res.ids.extend(k for _, k, _ in p.tag)
-            res.preds.extend(float(v) for v in values)
+            latency.extend(now - t for _, _, t in p.tag)
+            if args.save_predictions:
+                ids.extend(k for _, k, _ in p.tag)
+                preds.append(values)
 
         try:
             with torch.inference_mode():
@@ -310,13 +311,15 @@ class Server:
             lg.DestroyQSL(qsl)
             lg.DestroySUT(sut)
         res.issued = queries.issued
+        res.latency_s = np.asarray(latency, dtype=np.float64)
+        res.ids = np.asarray(ids, dtype=np.int64)
+        res.preds = np.concatenate(preds) if preds else np.zeros(0, np.float32)
         res.blocked_s = step_res.blocked_s
         res.loadgen = parse_summary(os.path.join(logdir, "mlperf_log_summary.txt"))
         res.backend_stats = backend.stats()
         return res
 
     def _warm_up(self, spec: Any, backend: Any) -> None:
-        from .runner import Pipeline, RankResult
         pipe = Pipeline(self.runner, spec, backend, RankResult(rank=self.rank), False)
         n = min(self.args.batch_size, self.library.count)
         for _ in range(self.args.warmup):
@@ -380,7 +383,7 @@ def summarize(spec: Any, qps: float, ranks: List[Dict[str, Any]], scenario: str)
     for l in lgs:
         for k, v in (l.get("latency_ms") or {}).items():
             worst[k] = max(worst.get(k, v), v)
-    own = np.asarray([t * 1000.0 for r in ranks for t in r["latency_s"]], dtype=np.float64)
+    own = np.concatenate([np.asarray(r["latency_s"], dtype=np.float64) for r in ranks]) * 1000.0
     own_pct = ({f"p{q}": float(np.percentile(own, q)) for q in (50, 90, 95, 99)}
                if len(own) else {})
     steps = sum(r["steps"] for r in ranks)
@@ -426,9 +429,21 @@ def format_summary(s: Dict[str, Any]) -> str:
     return "\n".join([line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])
 
 
+def format_table(summaries: List[Dict[str, Any]]) -> str:
+    """One line per serving run."""
+    head = ["run", "target QPS", "achieved", "verdict", "p50", "p95", "p99", "mean batch"]
+    body = [[s["label"], f"{s['target_qps']:g}", f"{s['achieved_qps']:.1f}", s["verdict"],
+             *(f"{s['latency_ms'][q]:.2f}" if q in s["latency_ms"] else "-"
+               for q in ("p50", "p95", "p99")), f"{s['mean_batch']:.1f}"] for s in summaries]
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])  # noqa: E731
+                              for i, c in enumerate(r))
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
+                     + ["latency: LoadGen's percentiles in ms, worst rank"])
+
+
 def execute(job: Any, make_backend: Any) -> int:
     """Every (backend, bound, target QPS) in turn; rank 0 reports each."""
-    from .report import write_json
     args = job.args
     qps_list = validate(args)
     library = SampleLibrary(job.source, job.arch.num_tables)
@@ -453,11 +468,12 @@ def execute(job: Any, make_backend: Any) -> int:
                                                  for r in ranks],
                         "responses": (ranks if args.save_predictions else None)})
     if job.rank == 0:
+        if len(out) > 1:
+            print(format_table([run["summary"] for run in out]), flush=True)
         if args.save_predictions:
             for i, run in enumerate(out):
-                ids = np.concatenate([np.asarray(r["ids"], np.int64) for r in run["responses"]])
-                preds = np.concatenate([np.asarray(r["preds"], np.float32)
-                                        for r in run["responses"]])
+                ids = np.concatenate([r["ids"] for r in run["responses"]])
+                preds = np.concatenate([r["preds"] for r in run["responses"]])
                 s = run["summary"]
                 path = args.save_predictions.format(backend=s["backend"], bound=s["bound"], run=i)
                 with open(path, "wb") as fh:  # exactly this path (np.savez adds .npz)
