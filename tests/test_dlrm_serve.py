@@ -182,3 +182,65 @@ def test_bad_serving_options_give_one_clear_line(tmp_path: Path) -> None:
     env = adapter_env()
     _one_error_line(["--scenario", "server"], "pip install mlcommons-loadgen",
                     {"PYTHONPATH": f"{tmp_path}:{env['PYTHONPATH']}"})
+
+
+# ------------------------------------------------------------------ input distribution, in process
+
+class _Loopback:
+    """Holds what every rank posted; ``finish_inputs`` hands rank ``me`` its blocks."""
+
+    def __init__(self) -> None:
+        self.posted: Dict[int, tuple] = {}
+        self.me = 0
+
+    def start_inputs(self, lengths, lcounts, indices, icounts, chain):
+        self.posted[self.me] = (lengths.numpy(), list(lcounts), indices.numpy(), list(icounts))
+        return self.me
+
+    def finish_inputs(self, handle):
+        import torch
+        me, parts = self.me, ([], [], [], [])
+        for src in sorted(self.posted):
+            lflat, lc, iflat, ic = self.posted[src]
+            for k, (flat, counts) in enumerate(((lflat, lc), (iflat, ic))):
+                lo = sum(counts[:me])
+                parts[2 * k].append(flat[lo:lo + counts[me]])
+                parts[2 * k + 1].append(counts[me])
+        return (torch.from_numpy(np.concatenate(parts[0])), parts[1],
+                torch.from_numpy(np.concatenate(parts[2])), parts[3])
+
+
+@pytest.mark.parametrize("ranks,batch", [(1, 37), (3, 37), (4, 37), (4, 2)])
+def test_owners_rebuild_the_whole_batch_from_own_samples(ranks: int, batch: int) -> None:
+    """Batch 2 over 4 ranks: two ranks hold no sample and still exchange."""
+    from dlrm_adapter.config import CRITEO_KAGGLE, arch_for
+    from dlrm_adapter.data import Pooling, SyntheticSource
+    from dlrm_adapter.input_dist import InputDist, LocalInputs, bags_of_rows
+    from dlrm_adapter.sharding import ExchangeLayout, batch_slices, place_tables
+
+    arch = arch_for(CRITEO_KAGGLE, 300)
+    src = SyntheticSource(arch, batch, 1, 3, Pooling.parse("1:3"), 1.1)
+    tables = place_tables("balanced-rows", ranks, arch.table_sizes, src.mean_lookups())
+    whole = src.local_batch(0, range(arch.num_tables), 0, batch)
+    net = _Loopback()
+    dists = [InputDist(ExchangeLayout(tuple(map(tuple, tables)), arch.emb_dim, r),
+                       arch.num_tables, 0) for r in range(ranks)]
+    slices = batch_slices(batch, ranks)
+    for r, (lo, hi) in enumerate(slices):
+        own = {t: bags_of_rows(i, o, lo, hi) for t, (i, o) in whole.sparse.items()}
+        net.me = r
+        dists[r].post(net, LocalInputs(whole.dense[lo:hi], own), flag=r % 2)
+    for r in range(ranks):
+        net.me = r
+        got = dists[r].collect(net, r)
+        assert got.rows_per_rank == [hi - lo for lo, hi in slices]
+        assert got.flags == [s % 2 for s in range(ranks)]
+        assert sorted(got.sparse) == sorted(tables[r])
+        for t in tables[r]:
+            idx, off = whole.sparse[t]
+            assert np.array_equal(got.sparse[t][0], idx) and np.array_equal(got.sparse[t][1], off)
+        # what a rank sent covers only its own samples
+        lo, hi = slices[r]
+        assert net.posted[r][0][0] == hi - lo
+        own = sum(len(bags_of_rows(i, o, lo, hi)[1]) for i, o in whole.sparse.values())
+        assert sum(net.posted[r][3]) == own
