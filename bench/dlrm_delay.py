@@ -76,8 +76,8 @@ def main() -> None:
                                                   for b, v in compute_by_backend.items()))
     print(f"compute {compute:.2f} ms   synchronous model {sync:.2f} ms   ideal {ideal:.2f} ms")
     print("per-batch time / latency p50 / p99 (ms)")
-    rows = [("mpi k=0 (reference DLRM)", series["mpi"][0])] if "mpi" in series else []
-    rows += [(f"{b} k={r['bound']}", r) for b, runs in series.items() for r in runs]
+    rows = [(f"{b} k={r['bound']}" + (" (reference DLRM)" if (b, r["bound"]) == ("mpi", 0)
+                                      else ""), r) for b, runs in series.items() for r in runs]
     rows += [(f"{name} k={r['bound']}", r) for name, runs in input_dist.items() for r in runs]
     for label, r in rows:
         print(f"  {label:<34} {r['per_batch_ms']:7.2f} / {r['latency_p50_ms']:7.2f} / "
