@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--poll-us", type=float, metavar="US",
                    help="nonblocking backends: wait by testing every US microseconds and "
                         "sleeping in between, instead of the library's blocking wait (0: "
-                        "blocking wait)")
+                        "blocking wait; serving: 50)")
     s = p.add_argument_group("stragglers")
     s.add_argument("--delay-ms", metavar="A:B", help="every rank sleeps U[A,B] ms per batch")
     s.add_argument("--slow-rank", type=int, metavar="R", help="rank that is persistently slow")
@@ -127,11 +127,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Options with defaults filled in; ``--launcher auto`` is resolved from the environment
     (``args.launcher_auto`` records that), and the default ``--backend`` follows it."""
     args = build_parser().parse_args(argv)
+    serve.fill_defaults(args)  # first: serving has defaults of its own
     for table in ((DEMO_DEFAULTS,) if args.demo else ()) + (DEFAULTS,):
         for k, v in table.items():
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
-    serve.fill_defaults(args)
     args.launcher_auto = args.launcher in (None, "auto")
     args.launcher = resolve_launcher(args.launcher or "auto")
     if args.backend is None:

@@ -37,6 +37,7 @@ SERVING_DEFAULTS: Dict[str, Any] = {
     "loadgen_dir": "mlperf_logs", "num_batches": 8,
 }
 DEFAULT_SERVER_QPS = 2000.0   # --target-qps when not given (the job's total)
+SERVING_POLL_US = 50.0        # --poll-us when serving
 POLL_S = 100e-6               # how often an idle rank looks at its queue
 
 
@@ -52,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"({DEFAULT_CHAIN_BYTES}; 0: never)")
     g.add_argument("--input-lag", type=int, metavar="L",
                    help="nonblocking backends: pool a batch's embeddings L steps after "
-                        "its input distribution started (1; torchrec pipelines one)")
+                        "its input distribution started (1, as torchrec's pipeline; "
+                        "serving: 0)")
     g.add_argument("--scenario", choices=SCENARIOS,
                    help="serve queries from MLPerf LoadGen instead of a closed loop")
     g.add_argument("--target-qps", metavar="Q[,Q]",
@@ -75,10 +77,17 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.input_dist = bool(args.scenario)
     if args.chain_bytes is None:
         args.chain_bytes = DEFAULT_CHAIN_BYTES
-    if args.input_lag is None:
-        args.input_lag = 1
     if not args.scenario:
+        if args.input_lag is None:
+            args.input_lag = 1
         return
+    # A server syncs on every step's inputs anyway (a query needs every table), so it
+    # pools a batch as soon as its inputs are in; and it waits by test-and-sleep, which
+    # leaves the cores to LoadGen and to the ranks that still compute.
+    if args.input_lag is None:
+        args.input_lag = 0
+    if args.poll_us is None:
+        args.poll_us = SERVING_POLL_US
     for k, v in SERVING_DEFAULTS.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
