@@ -370,7 +370,8 @@ def execute(job: Job) -> int:
         s = summarize(spec, ranks, samples, preds, _labels(source, n), backend.synchronous)
         summaries.append(s)
         if args.demo:
-            print(f"done: {s['label']}: {s['per_batch_ms']:.2f} ms/batch", flush=True)
+            print(f"done: {s['label']}: {s['per_batch_ms']:.2f} ms/batch, latency p50 "
+                  f"{s['latency_ms']['p50']:.2f} p99 {s['latency_ms']['p99']:.2f} ms", flush=True)
         else:
             print(format_summary(s), flush=True)
         if args.save_predictions:
