@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -39,7 +40,8 @@ def sweep(a: argparse.Namespace, backend: str, bounds: List[int], lag: int,
             "--num-batches", "8", "--warmup", "5", "--target-latency-ms", f"{a.latency_ms:g}"]
     if delay:
         args += ["--delay-ms", delay]
-    job = run_job(a.ranks, args + a.extra.split())
+    with tempfile.TemporaryDirectory() as logs:  # the JSON keeps what the summaries say
+        job = run_job(a.ranks, args + ["--loadgen-dir", logs] + a.extra.split())
     out = []
     for run in job["runs"]:
         s = run["summary"]
