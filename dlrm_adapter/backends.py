@@ -51,6 +51,11 @@ def _poll_until(done, poll_s: float, timeout: float, what: str) -> None:
         time.sleep(poll_s)
 
 
+# Most int64 words a peer may announce for one input message (16 GiB): checked before
+# a receive buffer is allocated for it.
+MAX_INPUT_COUNT = 1 << 31
+
+
 def _mpi_type(t: torch.Tensor) -> Any:
     from mpi4py import MPI
     if t.dtype == torch.float32:
@@ -99,8 +104,10 @@ class Backend:
         counts, *data = handle
         recv = [[int(c) for c in self.finish(h)] for h in counts]
         for rc in recv:
-            if any(c < 0 for c in rc):
-                raise RuntimeError(f"a peer announced negative receive counts {rc}")
+            bad = [(src, c) for src, c in enumerate(rc) if not 0 <= c <= MAX_INPUT_COUNT]
+            if bad:
+                raise RuntimeError(f"(rank, count) {bad}: announced input counts must lie in "
+                                   f"[0, {MAX_INPUT_COUNT}]")
         started = [self.start(send, sc, rc) for (send, sc), rc in zip(data, recv)]
         lengths, indices = (self.finish(h) for h in started)
         return lengths, recv[0], indices, recv[1]
