@@ -63,7 +63,7 @@ def peak(points: List[Dict[str, Any]], limit_ms: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--qps", default="500,1000,2000,3000,4500,6000",
+    p.add_argument("--qps", default="1000,2000,4000,6000,9000,12000",
                    help="offered QPS ladder (the job's total)")
     p.add_argument("--bounds", default="1,2,4", help="bounds tried for mpi-bls and bls")
     p.add_argument("--lags", default="0,1", help="input lags tried for mpi-bls and bls")
@@ -124,6 +124,7 @@ def main() -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(DELAYS), figsize=(12, 4.5), sharey=True)
     for ax, (name, series) in zip(axes, results.items()):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # distinct colours for many series
         for label, pts in series.items():
             pts = sorted(pts, key=lambda q: q["target_qps"])
             ax.plot([q["target_qps"] for q in pts], [q["p99_ms"] for q in pts], marker="o",
