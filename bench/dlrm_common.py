@@ -129,7 +129,8 @@ def brief(run: Dict[str, Any]) -> Dict[str, Any]:
             "median_ms": s["batch_time_ms"]["median"], "p95_ms": s["batch_time_ms"]["p95"],
             "p99_ms": s["batch_time_ms"]["p99"], "throughput_sps": s["throughput_sps"],
             "blocked_ms": s["blocked_ms_per_batch"]["mean"], "max_lag": s["max_lag"],
-            "sha256": s["predictions_sha256"]}
+            "latency_p50_ms": s["latency_ms"]["p50"], "latency_p95_ms": s["latency_ms"]["p95"],
+            "latency_p99_ms": s["latency_ms"]["p99"], "sha256": s["predictions_sha256"]}
 
 
 def common_args(p: Any, batch_size: int = 256, num_batches: int = 300) -> None:

@@ -2,7 +2,12 @@
 
     python bench/dlrm_delay.py            # P=4, --delay-ms 0:10, k = 0..10
 
-Each rank sleeps U[A, B] ms every batch.  Two reference lines:
+Each rank sleeps U[A, B] ms every batch.  The baseline row is mpi at k=0, the reference
+DLRM's own configuration; every row gives the per-batch time and the start-to-prediction
+latency p50/p99.  Then the same with --input-dist (each rank holds only its own samples
+and sends their indices to the table owners) at the bounds of --input-dist-bounds, bls
+with its lengths and indices chained (the default) and unchained (--chain-bytes 0).
+Two reference lines:
   synchronous model = compute + E[max of P uniform delays] = compute + A + (B-A) P/(P+1)
   ideal             = compute + mean delay                 = compute + (A+B)/2
 where compute is the smallest per-batch time of the backends in a no-delay run.  Writes
@@ -27,6 +32,8 @@ def main() -> None:
     p.add_argument("--delay-ms", default="0:10")
     p.add_argument("--max-bound", type=int, default=10)
     p.add_argument("--backends", default="mpi,mpi-bls,bls")
+    p.add_argument("--input-dist-bounds", default="0,8",
+                   help="bounds of the --input-dist rows ('' to skip them)")
     a = p.parse_args()
     warn_if_busy()
     lo, hi = (float(v) for v in a.delay_ms.split(":"))
@@ -36,10 +43,12 @@ def main() -> None:
     backends = backends_to_run(a.backends.split(","))
     # compute: per-batch time without delays, at the largest bound, best backend (with more
     # ranks than cores the blocking backend also pays for ranks contending for cores)
+    # (and, at k=0, the no-delay baseline of the latency target)
     base = run_job(P, adapter_args(a, ["--backend", ",".join(backends),
-                                       "--bound", str(a.max_bound)]))
+                                       "--bound", f"0,{a.max_bound}"]))
     compute_by_backend = {r["summary"]["backend"]: r["summary"]["per_batch_ms"]
-                          for r in base["runs"]}
+                          for r in base["runs"] if r["summary"]["bound"] == a.max_bound}
+    no_delay = {(r["summary"]["backend"], r["summary"]["bound"]): brief(r) for r in base["runs"]}
     compute = min(compute_by_backend.values())
     sync = compute + lo + (hi - lo) * P / (P + 1)
     ideal = compute + (lo + hi) / 2
@@ -49,15 +58,30 @@ def main() -> None:
         job = run_job(P, adapter_args(a, ["--backend", backend, "--bound", bounds,
                                           "--delay-ms", a.delay_ms]))
         series[backend] = [brief(r) for r in job["runs"]]
+    input_dist = {}
+    if a.input_dist_bounds:
+        for backend in backends:
+            variants = [("", [])] + ([(" unchained", ["--chain-bytes", "0"])]
+                                     if backend == "bls" else [])
+            for tag, flags in variants:
+                job = run_job(P, adapter_args(a, ["--backend", backend, "--input-dist",
+                                                  "--bound", a.input_dist_bounds,
+                                                  "--delay-ms", a.delay_ms] + flags))
+                input_dist[f"{backend} input-dist{tag}"] = [brief(r) for r in job["runs"]]
     digests = {r["sha256"] for runs in series.values() for r in runs}
+    digests |= {r["sha256"] for runs in input_dist.values() for r in runs}
     digests |= {r["summary"]["predictions_sha256"] for r in base["runs"]}
 
     print("\nno-delay per-batch time: " + ", ".join(f"{b} {v:.2f} ms"
                                                   for b, v in compute_by_backend.items()))
     print(f"compute {compute:.2f} ms   synchronous model {sync:.2f} ms   ideal {ideal:.2f} ms")
-    print(f"{'k':>3} " + " ".join(f"{b:>10}" for b in series))
-    for k in range(a.max_bound + 1):
-        print(f"{k:>3} " + " ".join(f"{series[b][k]['per_batch_ms']:>10.2f}" for b in series))
+    print("per-batch time / latency p50 / p99 (ms)")
+    rows = [(f"{b} k={r['bound']}" + (" (reference DLRM)" if (b, r["bound"]) == ("mpi", 0)
+                                      else ""), r) for b, runs in series.items() for r in runs]
+    rows += [(f"{name} k={r['bound']}", r) for name, runs in input_dist.items() for r in runs]
+    for label, r in rows:
+        print(f"  {label:<34} {r['per_batch_ms']:7.2f} / {r['latency_p50_ms']:7.2f} / "
+              f"{r['latency_p99_ms']:7.2f}")
     checks = {}
     if "bls" in series and "mpi" in series:
         for k in range(8, a.max_bound + 1):
@@ -66,6 +90,13 @@ def main() -> None:
                          "ok": bls <= 1.15 * ideal and bls <= 0.75 * mpi}
             print(f"k={k}: bls/ideal {bls / ideal:.3f} (target <= 1.15), bls/mpi "
                   f"{bls / mpi:.3f} (target <= 0.75) -> {'ok' if checks[k]['ok'] else 'MISSED'}")
+    latency_check = None
+    if ("bls", a.max_bound) in no_delay and ("mpi", 0) in no_delay:
+        ratio = (no_delay["bls", a.max_bound]["latency_p50_ms"]
+                 / no_delay["mpi", 0]["latency_p50_ms"])
+        latency_check = {"bls_p50_over_mpi_k0_p50": ratio, "ok": ratio <= 2.0}
+        print(f"no delay: bls k={a.max_bound} latency p50 / mpi k=0's {ratio:.2f} (target <= 2) "
+              f"-> {'ok' if ratio <= 2.0 else 'MISSED'}")
     print("predictions identical in every run:", "yes" if len(digests) == 1 else "NO")
 
     save_json("dlrm_delay.json", {
@@ -73,7 +104,10 @@ def main() -> None:
         "num_batches": a.num_batches, "rows_cap": a.rows_cap, "poll_us": a.poll_us,
         "compute_ms": compute, "compute_by_backend_ms": compute_by_backend,
         "sync_model_ms": sync, "ideal_ms": ideal,
-        "series": series, "targets_k_ge_8": checks, "identical_predictions": len(digests) == 1,
+        "no_delay": [dict(v, bound=k[1]) for k, v in no_delay.items()],
+        "latency_target_no_delay": latency_check,
+        "series": series, "input_dist": input_dist, "targets_k_ge_8": checks,
+        "identical_predictions": len(digests) == 1,
         "config": base["config"],
     })
 

@@ -6,9 +6,11 @@ All backends expose the same small interface used by the runner::
     backend.poke(handle)                                  # optional progress
     recv = backend.finish(handle)                         # 1-D float32, source-rank order
 
-``send`` is a 1-D contiguous float32 CPU tensor; ``sendcounts[j]`` elements go to
-rank ``j``, laid out in rank order.  ``recvcounts`` is what the runner expects
-to receive (MPI needs it; blsfab learns it from the messages and we check it).
+``send`` is a 1-D contiguous CPU tensor (float32 embeddings, int64 inputs);
+``sendcounts[j]`` elements go to rank ``j``, laid out in rank order.  ``recvcounts``
+is what the runner expects to receive (MPI needs it; blsfab learns it from the
+messages and we check it).  Input distribution (input_dist.py) sends messages whose
+receive counts only the sender knows, through ``start_inputs``/``finish_inputs``.
 
 Backends: ``mpi`` (MPI_Alltoallv), ``mpi-bls`` (MPI_Ialltoallv), ``bls``
 (blsfab.Communicator, bootstrapped over MPI or, under ``--launcher torch``, over
@@ -49,6 +51,20 @@ def _poll_until(done, poll_s: float, timeout: float, what: str) -> None:
         time.sleep(poll_s)
 
 
+# Most int64 words a peer may announce for one input message (16 GiB): checked before
+# a receive buffer is allocated for it.
+MAX_INPUT_COUNT = 1 << 31
+
+
+def _mpi_type(t: torch.Tensor) -> Any:
+    from mpi4py import MPI
+    if t.dtype == torch.float32:
+        return MPI.FLOAT
+    if t.dtype == torch.int64:
+        return MPI.INT64_T
+    raise TypeError(f"no MPI datatype for {t.dtype}")
+
+
 class Backend:
     """Common interface; ``synchronous`` backends complete inside ``start``."""
 
@@ -62,12 +78,39 @@ class Backend:
     def poke(self, handle: Any) -> None:
         """Give the library a chance to progress ``handle`` (no-op by default)."""
 
+    def done(self, handle: Any) -> bool:
+        """Progress ``handle`` and say whether ``finish`` would return without waiting."""
+        return self.synchronous
+
     def quiesce(self) -> None:
         """Called with nothing in flight, before a control-plane barrier: make sure no
         peer still needs this rank's progress (no-op by default)."""
 
     def finish(self, handle: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def start_inputs(self, lengths: torch.Tensor, lcounts: Sequence[int], indices: torch.Tensor,
+                     icounts: Sequence[int], chain: bool) -> Any:
+        """Start the lengths and indices exchanges of one step (``chain``: post them
+        together if the library can).  By default each first exchanges its counts
+        (one word per peer), so the data exchanges start in ``finish_inputs``."""
+        P = len(lcounts)
+        counts = [self.start(torch.tensor([int(c) for c in cs], dtype=torch.int64), [1] * P,
+                             [1] * P) for cs in (lcounts, icounts)]
+        return counts, (lengths, lcounts), (indices, icounts)
+
+    def finish_inputs(self, handle: Any) -> Tuple[torch.Tensor, List[int], torch.Tensor, List[int]]:
+        """Wait for ``start_inputs``: ``(lengths, their counts per source, indices, ...)``."""
+        counts, *data = handle
+        recv = [[int(c) for c in self.finish(h)] for h in counts]
+        for rc in recv:
+            bad = [(src, c) for src, c in enumerate(rc) if not 0 <= c <= MAX_INPUT_COUNT]
+            if bad:
+                raise RuntimeError(f"(rank, count) {bad}: announced input counts must lie in "
+                                   f"[0, {MAX_INPUT_COUNT}]")
+        started = [self.start(send, sc, rc) for (send, sc), rc in zip(data, recv)]
+        lengths, indices = (self.finish(h) for h in started)
+        return lengths, recv[0], indices, recv[1]
 
     def max_lag(self) -> Optional[int]:
         """Largest lag the library itself observed, if it tracks one."""
@@ -87,16 +130,14 @@ class MPIBlocking(Backend):
     synchronous = True
 
     def __init__(self, comm: Any) -> None:
-        from mpi4py import MPI
-        self._float = MPI.FLOAT
         self.comm = comm.Dup()
 
     def start(self, send: torch.Tensor, sendcounts: Sequence[int],
               recvcounts: Sequence[int]) -> torch.Tensor:
-        recv = torch.empty(int(sum(recvcounts)), dtype=torch.float32)
+        recv = torch.empty(int(sum(recvcounts)), dtype=send.dtype)
         sc, rc = [int(c) for c in sendcounts], [int(c) for c in recvcounts]
-        self.comm.Alltoallv([send.numpy(), (sc, _displs(sc)), self._float],
-                            [recv.numpy(), (rc, _displs(rc)), self._float])
+        self.comm.Alltoallv([send.numpy(), (sc, _displs(sc)), _mpi_type(send)],
+                            [recv.numpy(), (rc, _displs(rc)), _mpi_type(send)])
         return recv
 
     def finish(self, handle: torch.Tensor) -> torch.Tensor:
@@ -113,21 +154,22 @@ class MPINonblocking(Backend):
     synchronous = False
 
     def __init__(self, comm: Any, poll_s: float = 0.0) -> None:
-        from mpi4py import MPI
-        self._float = MPI.FLOAT
         self.comm = comm.Dup()
         self.poll_s = poll_s
 
     def start(self, send: torch.Tensor, sendcounts: Sequence[int],
               recvcounts: Sequence[int]) -> Tuple[Any, torch.Tensor, torch.Tensor]:
-        recv = torch.empty(int(sum(recvcounts)), dtype=torch.float32)
+        recv = torch.empty(int(sum(recvcounts)), dtype=send.dtype)
         sc, rc = [int(c) for c in sendcounts], [int(c) for c in recvcounts]
-        req = self.comm.Ialltoallv([send.numpy(), (sc, _displs(sc)), self._float],
-                                   [recv.numpy(), (rc, _displs(rc)), self._float])
+        req = self.comm.Ialltoallv([send.numpy(), (sc, _displs(sc)), _mpi_type(send)],
+                                   [recv.numpy(), (rc, _displs(rc)), _mpi_type(send)])
         return req, recv, send  # keep ``send`` alive until completion
 
     def poke(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> None:
         handle[0].Test()
+
+    def done(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> bool:
+        return bool(handle[0].Test())
 
     def finish(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         req, recv, _ = handle
@@ -199,10 +241,27 @@ class BLS(Backend):
     def start(self, send: torch.Tensor, sendcounts: Sequence[int],
               recvcounts: Sequence[int]) -> Tuple[Any, List[int]]:
         req = self.comm.ialltoallv(send, [int(c) for c in sendcounts])
-        return req, [int(c) for c in recvcounts]
+        return req, None if recvcounts is None else [int(c) for c in recvcounts]
+
+    def start_inputs(self, lengths: torch.Tensor, lcounts: Sequence[int], indices: torch.Tensor,
+                     icounts: Sequence[int], chain: bool) -> Any:
+        # blsfab learns receive counts from the messages: both start now, in one
+        # write per peer when chained.
+        if chain:
+            with self.comm.chain():
+                return self.start(lengths, lcounts, None), self.start(indices, icounts, None)
+        return self.start(lengths, lcounts, None), self.start(indices, icounts, None)
+
+    def finish_inputs(self, handle: Any) -> Tuple[torch.Tensor, List[int], torch.Tensor, List[int]]:
+        lh, ih = handle
+        lengths, indices = self.finish(lh), self.finish(ih)
+        return lengths, list(lh[0].recvcounts), indices, list(ih[0].recvcounts)
 
     def poke(self, handle: Tuple[Any, List[int]]) -> None:
         handle[0].test()
+
+    def done(self, handle: Tuple[Any, List[int]]) -> bool:
+        return bool(handle[0].test())
 
     def finish(self, handle: Tuple[Any, List[int]]) -> torch.Tensor:
         req, expected = handle
@@ -211,7 +270,7 @@ class BLS(Backend):
                         f"rank {self.comm.rank}: blsfab exchange")
         data = req.wait()
         got = [int(c) for c in req.recvcounts]
-        if got != expected:
+        if expected is not None and got != expected:
             raise RuntimeError(f"blsfab delivered counts {got} per source, expected {expected}")
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(data)
@@ -253,7 +312,7 @@ class TorchCollective(Backend):
               recvcounts: Sequence[int]) -> Tuple[Any, torch.Tensor, torch.Tensor]:
         import torch.distributed as dist
         rc = [int(c) for c in recvcounts]
-        recv = torch.empty(sum(rc), dtype=torch.float32)
+        recv = torch.empty(sum(rc), dtype=send.dtype)
         work = dist.all_to_all_single(recv, send, output_split_sizes=rc,
                                       input_split_sizes=[int(c) for c in sendcounts],
                                       group=self.group, async_op=True)
@@ -261,6 +320,9 @@ class TorchCollective(Backend):
 
     def poke(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> None:
         handle[0].is_completed()
+
+    def done(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> bool:
+        return bool(handle[0].is_completed())
 
     def finish(self, handle: Tuple[Any, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         work, recv, _ = handle

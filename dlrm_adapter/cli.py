@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, serve
 from .backends import BACKENDS, blsfab_available, make_backend, slot_bytes_for
 from .config import DATASETS, ModelArch, arch_for
 from .data import (CriteoTSVSource, Pooling, ProcessedSource, Source, SyntheticSource,
@@ -28,14 +28,16 @@ from .model import DLRM, arch_from_state_dict, load_checkpoint
 from .reference_flags import (add_reference_flags, apply_reference_flags, arch_flags_given,
                               checkpoint_arch, command_line_arch)
 from .report import format_comparison, format_summary, summarize, write_json
-from .runner import RankResult, Runner, RunSpec
+from .input_dist import exchanges_per_step, max_lookups_per_bag
+from .input_dist import max_message_bytes as input_message_bytes
+from .runner import COMPLETIONS, RankResult, Runner, RunSpec
 from .sharding import PLACEMENTS, ExchangeLayout, place_tables
 
 DEFAULTS: Dict[str, Any] = {
     "dataset": "criteo-kaggle", "batch_size": 512, "warmup": 5,
     "seed": 0, "bound": "4", "placement": "contiguous", "pooling": "1",
     "slow_ms": 0.0, "timeout": 60.0, "threads": 1, "chunk": 64, "prefetch_mb": 1024.0,
-    "poll_us": 0.0,
+    "poll_us": 0.0, "complete": "eager",
 }
 # --demo: a ~1 minute comparison under random delays (explicit flags still win).
 DEMO_DEFAULTS: Dict[str, Any] = {
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(auto)")
     d.add_argument("--bound", metavar="K[,K]", help="exchanges allowed in flight beyond the "
                                                     "current one (4)")
+    d.add_argument("--complete", choices=COMPLETIONS,
+                   help="eager: turn every finished exchange into predictions at once; lazy: "
+                        "only when more than --bound are in flight, the paper's rule (eager)")
     d.add_argument("--placement", choices=PLACEMENTS, help="table placement (contiguous)")
     d.add_argument("--provider", help="libfabric provider for bls and torch-bls "
                                       "(library default)")
@@ -105,11 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--poll-us", type=float, metavar="US",
                    help="nonblocking backends: wait by testing every US microseconds and "
                         "sleeping in between, instead of the library's blocking wait (0: "
-                        "blocking wait)")
+                        "blocking wait; serving: 50)")
     s = p.add_argument_group("stragglers")
     s.add_argument("--delay-ms", metavar="A:B", help="every rank sleeps U[A,B] ms per batch")
     s.add_argument("--slow-rank", type=int, metavar="R", help="rank that is persistently slow")
     s.add_argument("--slow-ms", type=float, metavar="X", help="extra ms per batch on --slow-rank")
+    serve.add_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--save-predictions", metavar="PATH",
                    help="rank 0 writes predictions in global sample order (.npy); with several "
@@ -127,6 +133,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_reference_flags(args, parser)
+    serve.fill_defaults(args)  # before DEFAULTS: serving has defaults of its own
     for table in ((DEMO_DEFAULTS,) if args.demo else ()) + (DEFAULTS,):
         for k, v in table.items():
             if getattr(args, k, None) is None:
@@ -193,7 +200,7 @@ def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]
     if args.load_model and args.rows_cap is not None:
         raise UsageError("--rows-cap cannot be combined with --load-model: the checkpoint fixes "
                          "the table sizes")
-    runs = len(backends) * len(bounds)
+    runs = len(backends) * len(bounds) * max(1, len(serve.validate(args)))
     if args.save_predictions:
         try:
             args.save_predictions.format(backend="mpi", bound=0, run=0)
@@ -243,6 +250,8 @@ def build_source(args: argparse.Namespace, arch: ModelArch) -> Source:
 def plan_runs(args: argparse.Namespace, backends: List[str], bounds: List[int],
               verbose: bool) -> List[RunSpec]:
     delay = parse_float_range(args.delay_ms, "--delay-ms") if args.delay_ms else None
+    opts = dict(complete=args.complete, input_dist=args.input_dist,
+                chain_bytes=args.chain_bytes, input_lag=args.input_lag)
     runs: List[RunSpec] = []
     if args.demo:
         needs_blsfab = [b for b in backends if b in ("bls", "torch-bls")]
@@ -254,11 +263,14 @@ def plan_runs(args: argparse.Namespace, backends: List[str], bounds: List[int],
         if delay:  # no-delay runs first: they measure the compute the models build on
             for b in backends:
                 runs.append(RunSpec(b, bounds[-1], args.num_batches, args.warmup, None,
-                                    label=f"{b} bound={bounds[-1]} no delay"))
+                                    label=f"{b} bound={bounds[-1]} no delay", **opts))
+        if "mpi" in backends and 0 not in bounds:  # the reference DLRM's own configuration
+            runs.append(RunSpec("mpi", 0, args.num_batches, args.warmup, delay, args.slow_rank,
+                                args.slow_ms or 0.0, **opts))
     for b in backends:
         for k in bounds:
             runs.append(RunSpec(b, k, args.num_batches, args.warmup, delay, args.slow_rank,
-                                args.slow_ms or 0.0))
+                                args.slow_ms or 0.0, **opts))
     return runs
 
 
@@ -319,16 +331,30 @@ def setup(args: argparse.Namespace, launch: Launch) -> Job:
         model = DLRM.from_seed(arch, layout.my_tables, args.seed, args.chunk)
     max_batch = max(source.size_of(b) for b in range(source.num_batches))
     runs = plan_runs(args, backends, bounds, rank == 0)
-    runner = Runner(comm, model, layout, source, args.seed, progress=not args.no_progress)
+    runner = Runner(comm, model, layout, source, args.seed, progress=not args.no_progress,
+                    input_dist=args.input_dist)
     longest = max(spec.num_batches for spec in runs)
-    args.prefetched = runner.prefetch(longest, int(args.prefetch_mb * 2**20))
+    args.prefetched = not args.scenario and runner.prefetch(longest, int(args.prefetch_mb * 2**20))
+    slot_bytes = slot_bytes_for(layout.max_message_bytes(max_batch))
+    if args.input_dist:  # a serving rank may hold a whole --batch-size of samples
+        rows = max_batch if args.scenario else -(-max_batch // size)
+        slot_bytes = max(slot_bytes, slot_bytes_for(max(
+            layout.max_message_bytes(rows * size),
+            input_message_bytes(layout, rows, max_lookups_per_bag(source)))))
     if rank == 0:
         cap = f", rows cap {args.rows_cap}" if args.rows_cap else ""
         print(f"dlrm_adapter: {args.dataset}, {arch.num_tables} tables{cap}, {size} rank(s) "
               f"(launcher {launch.name}), global batch {args.batch_size}, placement "
               f"{args.placement}: tables per rank {[len(t) for t in tables]}", flush=True)
-    return Job(args, launch, arch, source, tables,
-               slot_bytes_for(layout.max_message_bytes(max_batch)), runs, runner)
+    return Job(args, launch, arch, source, tables, slot_bytes, runs, runner)
+
+
+def backend_for(job: Job, spec: RunSpec) -> Any:
+    """The run's backend; blsfab's bound counts collective calls, a step makes several."""
+    args = job.args
+    calls = exchanges_per_step(spec.backend, spec.input_dist)
+    return make_backend(spec.backend, job.launch, spec.bound * calls, job.slot_bytes,
+                        args.provider, args.timeout, args.poll_us / 1e6, args.bls_progress)
 
 
 def execute(job: Job) -> int:
@@ -337,13 +363,14 @@ def execute(job: Job) -> int:
     summaries: List[Dict[str, Any]] = []
     json_runs: List[Dict[str, Any]] = []
     for i, spec in enumerate(job.runs):
-        backend = make_backend(spec.backend, job.launch, spec.bound, job.slot_bytes,
-                               args.provider, args.timeout, args.poll_us / 1e6,
-                               args.bls_progress)
+        backend = backend_for(job, spec)
         try:
             res: RankResult = job.runner.run(spec, backend)
         finally:
             backend.close()
+        calls = exchanges_per_step(spec.backend, spec.input_dist)
+        if res.max_lag and calls > 1:  # blsfab counts calls; report steps
+            res.max_lag = -(-res.max_lag // calls)
         ranks = job.comm.gather(res.__dict__, root=0)
         if job.rank != 0:
             continue
@@ -353,7 +380,8 @@ def execute(job: Job) -> int:
         s = summarize(spec, ranks, samples, preds, _labels(source, n), backend.synchronous)
         summaries.append(s)
         if args.demo:
-            print(f"done: {s['label']}: {s['per_batch_ms']:.2f} ms/batch", flush=True)
+            print(f"done: {s['label']}: {s['per_batch_ms']:.2f} ms/batch, latency p50 "
+                  f"{s['latency_ms']['p50']:.2f} p99 {s['latency_ms']['p99']:.2f} ms", flush=True)
         else:
             print(format_summary(s), flush=True)
         if args.save_predictions:
@@ -433,6 +461,8 @@ def _run(args: argparse.Namespace, launch: Launch) -> int:
             print(f"dlrm_adapter: error: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
+        if args.scenario:
+            return serve.execute(job, lambda spec: backend_for(job, spec))
         return execute(job)
     except Exception as exc:  # noqa: BLE001 - one rank failing must not hang the others
         print(f"dlrm_adapter: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr,

@@ -59,10 +59,11 @@ class ProgressBar:
 
 def _pct(values_ms: Sequence[float]) -> Dict[str, float]:
     if len(values_ms) == 0:
-        return {"mean": math.nan, "median": math.nan, "p95": math.nan, "p99": math.nan}
+        return {"mean": math.nan, "median": math.nan, "p50": math.nan, "p95": math.nan,
+                "p99": math.nan}
     a = np.asarray(values_ms, dtype=np.float64)
-    return {"mean": float(a.mean()), "median": float(np.median(a)),
-            "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99))}
+    p50, p95, p99 = (float(v) for v in np.percentile(a, [50, 95, 99]))
+    return {"mean": float(a.mean()), "median": p50, "p50": p50, "p95": p95, "p99": p99}
 
 
 def digest(preds: np.ndarray) -> str:
@@ -98,7 +99,9 @@ def summarize(spec: Any, ranks: List[Dict[str, Any]], samples: int, preds: np.nd
         "per_batch_ms": wall / n * 1000.0 if n else math.nan,
         "throughput_sps": samples / wall if wall > 0 else math.nan,
         "batch_time_ms": _pct([t * 1000.0 for t in r0["iter_s"]]),
-        "latency_ms": _pct([t * 1000.0 for t in r0["latency_s"]]),
+        # every rank's batches: a straggler's latency counts as much as rank 0's
+        "latency_ms": _pct([t * 1000.0 for r in ranks for t in r["latency_s"]]),
+        "complete": getattr(spec, "complete", "lazy"),
         "blocked_ms_per_batch": {"mean": float(np.mean(blocked)) / max(n, 1) * 1000.0,
                                  "max": float(np.max(blocked)) / max(n, 1) * 1000.0},
         "blocked_s_total": {"mean": float(np.mean(blocked)), "max": float(np.max(blocked))},
@@ -129,7 +132,8 @@ def format_summary(s: Dict[str, Any]) -> str:
         ("per-batch time (rank 0)", f"median {bt['median']:.2f}  p95 {bt['p95']:.2f}  "
                                      f"p99 {bt['p99']:.2f}  ms"),
         ("mean per-batch (wall/n)", f"{s['per_batch_ms']:.2f} ms"),
-        ("batch latency start->pred", f"median {lat['median']:.2f}  p99 {lat['p99']:.2f}  ms"),
+        ("latency start->prediction", f"p50 {lat['p50']:.2f}  p95 {lat['p95']:.2f}  "
+                                       f"p99 {lat['p99']:.2f}  ms (every rank's batches)"),
         ("throughput", f"{s['throughput_sps']:.0f} samples/s"),
         ("blocked in waits", f"mean {s['blocked_ms_per_batch']['mean']:.2f}  "
                              f"max {s['blocked_ms_per_batch']['max']:.2f}  ms/batch "
@@ -154,26 +158,30 @@ REFERENCE_BACKENDS = ("mpi", "gloo")
 def format_comparison(summaries: List[Dict[str, Any]], ideal_ms: Optional[float] = None,
                       sync_ms: Optional[float] = None) -> str:
     """One row per run; ratios to the ``mpi`` run (``gloo`` when there is no mpi run, as
-    under ``--launcher torch``) with the same delay (and bound, if there is one) and, for
-    delayed runs, to the ideal model when known."""
+    under ``--launcher torch``) with the same delay, at bound 0 (the reference DLRM's
+    configuration) when it ran, else at the same bound, and, for delayed runs, to the
+    ideal model when known."""
     present = {m["backend"] for m in summaries}
     base = next((b for b in REFERENCE_BACKENDS if b in present), "mpi")
 
     def reference(s: Dict[str, Any]) -> Optional[float]:
         same = [m for m in summaries if m["backend"] == base and m["delay_ms"] == s["delay_ms"]]
+        ref0 = [m for m in same if m["bound"] == 0]
         exact = [m for m in same if m["bound"] == s["bound"]]
-        pick = (exact or same or [None])[0]
+        pick = (ref0 or exact or same or [None])[0]
         return pick["per_batch_ms"] if pick else None
 
-    head = ["run", "ms/batch", "median", "p95", "p99", "samples/s", "blocked", "lag",
-            f"vs {base}", "vs ideal", "sha256"]
+    head = ["run", "ms/batch", "median", "p95", "p99", "lat p50", "lat p95", "lat p99",
+            "samples/s", "blocked", "lag", f"vs {base}", "vs ideal", "sha256"]
     body = []
     for s in summaries:
         bt = s["batch_time_ms"]
+        lat = s.get("latency_ms") or {}
         ref = reference(s)
         body.append([
             s["label"], f"{s['per_batch_ms']:.2f}", f"{bt['median']:.2f}", f"{bt['p95']:.2f}",
-            f"{bt['p99']:.2f}", f"{s['throughput_sps']:.0f}",
+            f"{bt['p99']:.2f}", *(f"{lat[q]:.2f}" if q in lat else "-" for q in ("p50", "p95", "p99")),
+            f"{s['throughput_sps']:.0f}",
             f"{s['blocked_ms_per_batch']['mean']:.2f}", str(s["max_lag"]),
             f"{s['per_batch_ms'] / ref:.2f}x" if ref else "-",
             f"{s['per_batch_ms'] / ideal_ms:.2f}x" if ideal_ms and s["delay_ms"] else "-",
@@ -183,6 +191,9 @@ def format_comparison(summaries: List[Dict[str, Any]], ideal_ms: Optional[float]
     fmt = lambda r: "  ".join(str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])  # noqa: E731
                               for i, c in enumerate(r))
     lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
+    lines.append("ms/batch = wall time / batches (throughput); median/p95/p99 = rank 0's "
+                 "per-batch time; lat = start of a batch's step to its predictions, every "
+                 "rank (what a query waits)")
     if ideal_ms is not None and sync_ms is not None:
         lines.append(f"models: synchronous = compute + E[max of P delays] = {sync_ms:.2f} ms; "
                      f"ideal = compute + mean delay = {ideal_ms:.2f} ms")

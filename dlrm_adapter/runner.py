@@ -3,19 +3,28 @@
 One step for global batch ``b`` on rank ``r``:
 
 1. (optional) injected delay;
-2. ``apply_emb``: pooled embeddings of r's tables for the whole global batch;
+2. ``apply_emb``: pooled embeddings of r's tables for the whole global batch (with
+   ``--input-dist``: first send r's own samples' indices to the table owners and
+   pool the batch whose inputs were sent ``input_lag`` steps ago, see input_dist.py);
 3. start the alltoallv that gives every rank all tables for its batch slice;
 4. bottom MLP on r's slice while the exchange is in flight;
-5. push (handle, bottom output) on a FIFO; while it holds more than ``bound``
-   entries, finish the oldest: wait, interaction, top MLP -> predictions;
+5. push (handle, bottom output) on a FIFO and finish batches from its head:
+   wait, interaction, top MLP -> predictions.  ``complete="eager"`` (the default)
+   finishes every head entry whose exchange has already completed, then, like
+   ``"lazy"`` (the paper's rule), waits for the oldest while the FIFO holds more
+   than ``bound`` entries.  Eager completion changes when a prediction is made,
+   never what it is, and never the order of the exchanges;
 6. after the last batch, drain the FIFO.
+
+``Pipeline`` holds steps 2-6 for one pass; the closed loop (``Runner``) and the
+LoadGen server (serve.py) feed it batches.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,9 +32,14 @@ import torch
 from .backends import Backend
 from .config import STREAM_DELAY, rng
 from .data import LocalBatch, Source
+from .input_dist import DEFAULT_CHAIN_BYTES, InputDist, LocalInputs, bags_of_rows
 from .model import DLRM
 from .report import ProgressBar
 from .sharding import ExchangeLayout, batch_slices
+
+# When a finished exchange turns into predictions: as soon as it is done, or only
+# when the FIFO is over the bound (the paper's rule).
+COMPLETIONS = ("eager", "lazy")
 
 
 @dataclass(frozen=True)
@@ -40,9 +54,17 @@ class RunSpec:
     slow_rank: Optional[int] = None
     slow_ms: float = 0.0
     label: str = ""
+    complete: str = "eager"
+    input_dist: bool = False
+    chain_bytes: int = DEFAULT_CHAIN_BYTES
+    input_lag: int = 1
 
     def describe(self) -> str:
         parts = [f"{self.backend} bound={self.bound}"]
+        if self.complete != "eager":
+            parts.append(f"complete={self.complete}")
+        if self.input_dist:
+            parts.append("input-dist" + ("" if self.chain_bytes > 0 else " unchained"))
         if self.delay_ms:
             parts.append(f"delay={self.delay_ms[0]:g}:{self.delay_ms[1]:g}ms")
         if self.slow_rank is not None and self.slow_ms > 0:
@@ -52,11 +74,26 @@ class RunSpec:
 
 @dataclass
 class _Pending:
+    """A batch whose embedding exchange is in flight."""
+
     batch: int
     handle: Any
     x: torch.Tensor
     lo: int
     t_start: float
+    tag: Any = None
+
+
+@dataclass
+class _Distributing:
+    """A batch whose input distribution is in flight."""
+
+    batch: int
+    handle: Any
+    dense: np.ndarray
+    lo: int
+    t_start: float
+    tag: Any = None
 
 
 @dataclass
@@ -79,7 +116,7 @@ class Runner:
     """Drives ``DLRM`` steps for one rank over a ``Source`` with any ``Backend``."""
 
     def __init__(self, comm: Any, model: DLRM, layout: ExchangeLayout, source: Source,
-                 seed: int, progress: bool = True) -> None:
+                 seed: int, progress: bool = True, input_dist: bool = False) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
@@ -88,6 +125,9 @@ class Runner:
         self.source = source
         self.seed = seed
         self.progress = progress and self.rank == 0
+        # with input distribution a rank's inputs are its own samples' (lengths, indices)
+        # of every table; without, whole-batch (indices, offsets) of its own tables
+        self.input_dist = input_dist
         self._inputs: Optional[List[Tuple[int, int, LocalBatch]]] = None
 
     # -------------------------------------------------------------- inputs
@@ -95,7 +135,11 @@ class Runner:
     def _make_input(self, b: int) -> Tuple[int, int, LocalBatch]:
         size = self.source.size_of(b)
         lo, hi = batch_slices(size, self.size)[self.rank]
-        return lo, hi, self.source.local_batch(b, self.layout.my_tables, lo, hi)
+        tables = range(self.model.arch.num_tables) if self.input_dist else self.layout.my_tables
+        lb = self.source.local_batch(b, tables, lo, hi)
+        if self.input_dist:  # keep only this rank's own samples: (lengths, indices)
+            lb.sparse = {t: bags_of_rows(idx, off, lo, hi) for t, (idx, off) in lb.sparse.items()}
+        return lo, hi, lb
 
     def _input(self, b: int) -> Tuple[int, int, LocalBatch]:
         if self._inputs is not None and b < len(self._inputs):
@@ -117,33 +161,11 @@ class Runner:
         self._inputs = [first] + [self._make_input(b) for b in range(1, num_batches)]
         return True
 
-    # -------------------------------------------------------------- one step
-
-    def _start(self, b: int, backend: Backend, res: RankResult, t0: float) -> _Pending:
-        """Steps 2-4: pooled embeddings, start the exchange, bottom MLP (``t0``: step start)."""
-        lo, hi, lb = self._input(b)
-        size = lb.size
-        send = self.model.apply_emb(lb.sparse, size).reshape(-1)
-        tc = time.perf_counter()
-        handle = backend.start(send, self.layout.sendcounts(size), self.layout.recvcounts(size))
-        res.blocked_s += time.perf_counter() - tc
-        x = self.model.bottom_rows(torch.from_numpy(lb.dense), lo)
-        return _Pending(b, handle, x, lo, t0)
-
-    def _finish(self, p: _Pending, backend: Backend, res: RankResult, keep: bool) -> None:
-        """Step 5 for the oldest batch: wait, interaction, top MLP -> predictions."""
-        tw = time.perf_counter()
-        flat = backend.finish(p.handle)
-        res.blocked_s += time.perf_counter() - tw
-        ly = self.layout.assemble(flat, p.x.shape[0])
-        pred = self.model.top_rows(p.x, ly, p.lo)
-        if keep:
-            res.preds[p.batch] = pred.numpy().copy()
-            res.latency_s.append(time.perf_counter() - p.t_start)
+    # -------------------------------------------------------------- one pass
 
     def _pass(self, spec: RunSpec, backend: Backend, batches: List[int], res: RankResult,
               keep: bool, delays: Optional[np.random.Generator]) -> None:
-        fifo: Deque[_Pending] = deque()
+        pipe = Pipeline(self, spec, backend, res, keep)
         bar = ProgressBar(len(batches), spec.describe(), enabled=self.progress and keep)
         slow = spec.slow_ms / 1000.0 if spec.slow_rank == self.rank else 0.0
         for i, b in enumerate(batches):
@@ -155,17 +177,16 @@ class Runner:
                 time.sleep(pause)
                 if keep:
                     res.slept_s += time.perf_counter() - t0
-            fifo.append(self._start(b, backend, res, t0))
-            res.max_fifo = max(res.max_fifo, len(fifo))
-            if not backend.synchronous:
-                backend.poke(fifo[0].handle)
-            while len(fifo) > spec.bound:
-                self._finish(fifo.popleft(), backend, res, keep)
+            lo, _, lb = self._input(b)
+            if self.input_dist:
+                pipe.push_inputs(b, LocalInputs(lb.dense, lb.sparse), lo, t0)
+            else:
+                pipe.push_batch(b, lb.sparse, lb.size, lb.dense, lo, t0)
+            pipe.complete()
             if keep:
                 res.iter_s.append(time.perf_counter() - t0)
             bar.update(i + 1)
-        while fifo:
-            self._finish(fifo.popleft(), backend, res, keep)
+        pipe.drain()
         bar.close()
 
     # -------------------------------------------------------------- a whole run
@@ -174,6 +195,14 @@ class Runner:
         """Warm up (untimed, no delays), then time ``spec.num_batches`` batches."""
         if spec.bound < 0:
             raise ValueError(f"--bound must be >= 0, got {spec.bound}")
+        if spec.input_dist != self.input_dist:
+            raise ValueError(f"this runner was built with input_dist={self.input_dist}; the "
+                             f"run asks for {spec.input_dist}")
+        if spec.input_lag < 0:
+            raise ValueError(f"--input-lag must be >= 0, got {spec.input_lag}")
+        if spec.complete not in COMPLETIONS:
+            raise ValueError(f"--complete must be one of {', '.join(COMPLETIONS)}; "
+                             f"got {spec.complete!r}")
         res = RankResult(rank=self.rank)
         n_src = self.source.num_batches
         with torch.inference_mode():
@@ -191,3 +220,107 @@ class Runner:
         res.max_lag = backend.max_lag()
         res.backend_stats = backend.stats()
         return res
+
+
+OnPrediction = Callable[[_Pending, torch.Tensor], None]
+
+
+class Pipeline:
+    """The FIFOs of one pass on one rank.
+
+    ``push_batch`` (replicated inputs) pools, starts the embedding exchange and runs the
+    bottom MLP.  ``push_inputs`` (input distribution) starts the input exchanges of a
+    batch instead, and turns the batch posted ``input_lag`` pushes earlier into an
+    embedding exchange: a fixed schedule, so every rank makes the same collective calls
+    in the same order whatever ``complete`` decides.  ``complete`` then finishes batches
+    from the head of the embedding FIFO (eager or lazy, see the module docstring).
+    """
+
+    def __init__(self, runner: Runner, spec: RunSpec, backend: Backend, res: RankResult,
+                 keep: bool, on_prediction: Optional[OnPrediction] = None) -> None:
+        self.model, self.layout = runner.model, runner.layout
+        self.spec, self.backend, self.res, self.keep = spec, backend, res, keep
+        self.on_prediction = on_prediction or self._keep_prediction
+        self.fifo: Deque[_Pending] = deque()
+        self.inputs: Deque[_Distributing] = deque()
+        self.input_lag = 0 if backend.synchronous else spec.input_lag
+        self.dist = InputDist(runner.layout, runner.model.arch.num_tables, spec.chain_bytes)
+        self.flags: List[int] = []  # the flag word of every rank, latest distributed batch
+
+    def _blocked(self, t: float) -> None:
+        self.res.blocked_s += time.perf_counter() - t
+
+    def push_batch(self, b: int, sparse: Any, size: int, dense: np.ndarray, lo: int,
+                   t0: float, tag: Any = None) -> None:
+        """Steps 2-4 with replicated inputs (``t0``: the step's start)."""
+        send = self.model.apply_emb(sparse, size).reshape(-1)
+        self._post(b, send, self.layout.sendcounts(size), self.layout.recvcounts(size), dense,
+                   lo, t0, tag)
+
+    def push_inputs(self, b: int, local: LocalInputs, lo: int, t0: float, tag: Any = None,
+                    flag: int = 0) -> None:
+        """Start batch ``b``'s input distribution; embed the batch now ``input_lag`` old."""
+        tc = time.perf_counter()
+        handle = self.dist.post(self.backend, local, flag)
+        self._blocked(tc)
+        self.inputs.append(_Distributing(b, handle, local.dense, lo, t0, tag))
+        while len(self.inputs) > self.input_lag:
+            self._embed(self.inputs.popleft())
+
+    def _embed(self, d: _Distributing) -> None:
+        tw = time.perf_counter()
+        bags = self.dist.collect(self.backend, d.handle)
+        self._blocked(tw)
+        self.flags = bags.flags
+        n = bags.rows
+        if n and self.layout.my_tables:
+            send = self.model.apply_emb(bags.sparse, n).reshape(-1)
+        else:
+            send = torch.empty(n * len(self.layout.my_tables) * self.model.arch.emb_dim)
+        rows = bags.rows_per_rank[self.layout.rank]
+        if rows != len(d.dense):
+            raise RuntimeError(f"input distribution reports {rows} samples for this rank, "
+                               f"which holds {len(d.dense)}")
+        self._post(d.batch, send, self.layout.sendcounts_for(bags.rows_per_rank),
+                   self.layout.recvcounts_for(rows), d.dense, d.lo, d.t_start, d.tag)
+
+    def _post(self, b: int, send: torch.Tensor, sendcounts: List[int], recvcounts: List[int],
+              dense: np.ndarray, lo: int, t0: float, tag: Any) -> None:
+        tc = time.perf_counter()
+        handle = self.backend.start(send, sendcounts, recvcounts)
+        self._blocked(tc)
+        x = self.model.bottom_rows(torch.from_numpy(dense), lo)
+        self.fifo.append(_Pending(b, handle, x, lo, t0, tag))
+        self.res.max_fifo = max(self.res.max_fifo, len(self.fifo))
+
+    def complete(self) -> None:
+        """Finish batches at the head of the FIFO: eagerly every one whose exchange is
+        done, then (both policies) the oldest while more than ``bound`` are in flight."""
+        fifo, backend = self.fifo, self.backend
+        if self.spec.complete == "eager":
+            while fifo and backend.done(fifo[0].handle):
+                self._finish(fifo.popleft())
+        elif fifo and not backend.synchronous:
+            backend.poke(fifo[0].handle)
+        while len(fifo) > self.spec.bound:
+            self._finish(fifo.popleft())
+
+    def _finish(self, p: _Pending) -> None:
+        """Step 5 for the oldest batch: wait, interaction, top MLP -> predictions."""
+        tw = time.perf_counter()
+        flat = self.backend.finish(p.handle)
+        self._blocked(tw)
+        ly = self.layout.assemble(flat, p.x.shape[0])
+        self.on_prediction(p, self.model.top_rows(p.x, ly, p.lo))
+
+    def _keep_prediction(self, p: _Pending, pred: torch.Tensor) -> None:
+        if self.keep:
+            self.res.preds[p.batch] = pred.numpy().copy()
+            self.res.latency_s.append(time.perf_counter() - p.t_start)
+
+    def drain(self) -> None:
+        """Embed every batch still distributing, then finish every batch."""
+        while self.inputs:
+            self._embed(self.inputs.popleft())
+        while self.fifo:
+            self._finish(self.fifo.popleft())

