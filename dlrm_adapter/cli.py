@@ -332,7 +332,7 @@ def setup(args: argparse.Namespace, launch: Launch) -> Job:
     max_batch = max(source.size_of(b) for b in range(source.num_batches))
     runs = plan_runs(args, backends, bounds, rank == 0)
     runner = Runner(comm, model, layout, source, args.seed, progress=not args.no_progress,
-                    input_dist=args.input_dist)
+                    input_dist=args.input_dist, print_freq=getattr(args, "print_freq", None))
     longest = max(spec.num_batches for spec in runs)
     args.prefetched = not args.scenario and runner.prefetch(longest, int(args.prefetch_mb * 2**20))
     slot_bytes = slot_bytes_for(layout.max_message_bytes(max_batch))

@@ -140,7 +140,7 @@ def add_reference_flags(parser: argparse.ArgumentParser) -> None:
     a("--numpy-rand-seed", type=int, metavar="S", help="= --seed")
     a("--inference-only", action="store_true", help="accepted: this is always inference")
     a("--print-freq", type=int, metavar="N",
-      help="accepted; progress is the progress bar (--no-progress)")
+      help="a progress line every N batches (rank 0, stderr)")
     a("--dist-backend", metavar="mpi|gloo", help="= --backend mpi|gloo")
     for flag in TRAINING_ONLY:
         g.add_argument(flag, action=_Refuse,

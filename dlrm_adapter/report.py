@@ -13,10 +13,13 @@ import numpy as np
 
 class ProgressBar:
     """A one-line ``[#####.....] i/n`` bar on stderr, redrawn at most 10 times a
-    second on a terminal; in a log (not a TTY), one line every 5 seconds."""
+    second on a terminal; in a log (not a TTY), one line every 5 seconds. With
+    ``every`` (the reference DLRM's ``--print-freq``), it draws after every
+    ``every``-th batch instead, whatever the time."""
 
     def __init__(self, total: int, label: str, enabled: bool = True,
-                 stream: Optional[TextIO] = None, width: int = 30) -> None:
+                 stream: Optional[TextIO] = None, width: int = 30,
+                 every: Optional[int] = None) -> None:
         self.total = max(total, 1)
         self.label = label
         self.enabled = enabled
@@ -29,14 +32,19 @@ class ProgressBar:
         self._drawn_once = False
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._every = 0.1 if self._tty else 5.0
+        self._every_batches = every
 
     def update(self, i: int) -> None:
         self._i = i
         if not self.enabled:
             return
         now = time.perf_counter()
-        if i < self.total and now - self._last < self._every:
-            return
+        if i < self.total:
+            if self._every_batches is not None:
+                if i % self._every_batches:
+                    return
+            elif now - self._last < self._every:
+                return
         self._last = now
         self._drawn = i
         fill = int(self.width * i / self.total)

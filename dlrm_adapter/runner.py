@@ -116,7 +116,8 @@ class Runner:
     """Drives ``DLRM`` steps for one rank over a ``Source`` with any ``Backend``."""
 
     def __init__(self, comm: Any, model: DLRM, layout: ExchangeLayout, source: Source,
-                 seed: int, progress: bool = True, input_dist: bool = False) -> None:
+                 seed: int, progress: bool = True, input_dist: bool = False,
+                 print_freq: Optional[int] = None) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
@@ -125,6 +126,7 @@ class Runner:
         self.source = source
         self.seed = seed
         self.progress = progress and self.rank == 0
+        self.print_freq = print_freq
         # with input distribution a rank's inputs are its own samples' (lengths, indices)
         # of every table; without, whole-batch (indices, offsets) of its own tables
         self.input_dist = input_dist
@@ -166,7 +168,8 @@ class Runner:
     def _pass(self, spec: RunSpec, backend: Backend, batches: List[int], res: RankResult,
               keep: bool, delays: Optional[np.random.Generator]) -> None:
         pipe = Pipeline(self, spec, backend, res, keep)
-        bar = ProgressBar(len(batches), spec.describe(), enabled=self.progress and keep)
+        bar = ProgressBar(len(batches), spec.describe(), enabled=self.progress and keep,
+                          every=self.print_freq)
         slow = spec.slow_ms / 1000.0 if spec.slow_rank == self.rank else 0.0
         for i, b in enumerate(batches):
             t0 = time.perf_counter()

@@ -266,3 +266,17 @@ def test_arch_from_reference_state_dict() -> None:
     sd["top_l.0.weight"] = torch.zeros(5, 11)
     with pytest.raises(ValueError, match="top MLP input width 11"):
         arch_from_state_dict(sd)
+
+
+def test_print_freq_draws_a_line_every_n_batches_whatever_the_time():
+    import io
+
+    from dlrm_adapter.report import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(10, "run", stream=out, every=3)
+    for i in range(1, 11):
+        bar.update(i)
+    bar.close()
+    counts = [line.split("] ")[1].split()[0] for line in out.getvalue().splitlines() if "] " in line]
+    assert counts == ["3/10", "6/10", "9/10", "10/10"]
