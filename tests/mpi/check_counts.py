@@ -32,6 +32,7 @@ BAD = [
     ("2-D array", np.ones((P, 1), dtype=np.int64), ValueError, "1-D"),
     ("larger than a slot", [0] * (P - 1) + [200], ValueError,
      f"sendcounts[{P - 1}] = 200"),
+    ("negative int", [-1] + [0] * (P - 1), ValueError, "sendcounts[0] = -1"),
     ("negative numpy", np.array([-3] + [0] * (P - 1), dtype=np.int32), ValueError,
      "sendcounts[0] = -3"),
 ]

@@ -4,7 +4,7 @@ cdef extern from "Python.h":
     long long PyLong_AsLongLongAndOverflow(object obj, int* overflow) except? -1
 
 
-cdef int64_t count_at(object sendcounts, Py_ssize_t j, object value) except -1:
+cdef int64_t count_at(object sendcounts, Py_ssize_t j, object value) except? -1:
     """sendcounts[j] as an int64: a Python int (not bool) or a numpy integer;
     floats, strings and the rest are TypeError, values past int64 ValueError."""
     cdef int overflow = 0
