@@ -156,8 +156,8 @@ class MPIBootstrap:
                 break
             if loop.expired():
                 raise TimeoutError(
-                    f"rank {self.rank}: bootstrap step {self._seq} not reached by ranks "
-                    f"{missing} within {limit:g} s (MPI bootstrap)", ranks=missing)
+                    f"rank {self.rank}: bootstrap call {self._seq} not reached by ranks "
+                    f"{missing} within {limit:.3g} s (MPI bootstrap)", ranks=missing)
             loop.pause()
         return [unseal(got[r], f"rank {r}'s bootstrap message") for r in range(self.size)]
 
@@ -209,14 +209,23 @@ def _read_failure(verdict: bytes, rank: int) -> dict:
 def run_step(boot, what: str, work: Callable[[], bytes], deadline: float,
              progress: Progress = None) -> List[bytes]:
     """One collective step: run ``work()`` here, then exchange its result (or
-    its error) with every rank. Returns every rank's payload, or raises on
-    every rank an error naming each failing rank and its own error text."""
+    its error) with every rank until ``deadline``. Returns every rank's
+    payload, or raises on every rank an error naming each failing rank and its
+    own error text; ranks never heard from are named as such."""
+    local_error = None
     try:
         verdict = OK + work()
     except Exception as exc:  # noqa: BLE001 - carried to every rank, then raised
-        verdict = failure(exc)
+        local_error, verdict = exc, failure(exc)
     try:
-        verdicts = boot.allgather(verdict, progress, max(deadline - time.monotonic(), 0.0))
+        try:
+            verdicts = boot.allgather(verdict, progress, max(deadline - time.monotonic(), 0.0))
+        except TimeoutError as exc:
+            if local_error is not None:
+                raise local_error from None   # ours says more than the silence
+            raise TimeoutError(f"rank {boot.rank}: {what}: no word from ranks {exc.ranks} "
+                               "before the timeout; are they running, and did they make "
+                               "the same call?", ranks=exc.ranks) from None
         verdicts[boot.rank] = verdict
         for r, v in enumerate(verdicts):
             if not v or v[:1] not in (OK, FAILED):

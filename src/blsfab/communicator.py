@@ -16,13 +16,16 @@ from typing import List, Optional, Sequence
 from . import _core
 from . import provider as _provider
 from .bootstrap import MPIBootstrap, geometry_mismatch, hostname, run_step
-from .errors import ClosedError, FabricError
+from .errors import ClosedError, FabricError, TimeoutError
 
 Request = _core.Request
 
 # Empty polls before a waiting rank yields its core.
 SPIN_POLLS = 4096
 SPIN_POLLS_OVERSUBSCRIBED = 1
+
+# Share of the construction timeout kept for the last step after the warm-up.
+GREET_RESERVE = 0.2
 
 # Iterations one chain may hold before it is posted; sizes the receive window.
 MAX_CHAIN = 64
@@ -127,7 +130,9 @@ class Communicator:
                 if chain_threshold is not None:
                     engine.set_inject_limit(chain_threshold + _core.SLOT_OVERHEAD)
                 _connect(engine, addresses)
-                engine.greet(max(deadline - time.monotonic(), 0.001))
+                # Leave the step a moment to hear why a silent peer is silent.
+                engine.greet(max(deadline - time.monotonic() - GREET_RESERVE * self.timeout,
+                                 0.001))
                 return b""
 
             run_step(self._boot, "blsfab.Communicator construction (connections)", connect,
@@ -234,6 +239,10 @@ class Communicator:
 
         try:
             self._boot.barrier(progress, self.timeout)
+        except TimeoutError as exc:
+            raise TimeoutError(f"rank {self.rank}: close(): ranks {exc.ranks} did not reach "
+                               f"close() within timeout={self.timeout:g} s; this rank's fabric "
+                               "is released anyway", ranks=exc.ranks) from None
         finally:
             engine.close()
 
