@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import time
 from typing import List, Optional, Sequence
 
@@ -115,7 +114,7 @@ class Communicator:
                 raise FabricError(f"provider {name!r} is not usable on rank {self.rank}")
             engine = _core.RingEngine(info, self.rank, self.size, self.slot_bytes, ring_slots,
                                       2 * (bound + MAX_CHAIN) + 8)
-            return _address_bytes(engine)
+            return engine.local_address()
 
         try:
             addresses = run_step(self._boot, "blsfab.Communicator construction (rings)", build,
@@ -129,7 +128,7 @@ class Communicator:
                                       else SPIN_POLLS)
                 if chain_threshold is not None:
                     engine.set_inject_limit(chain_threshold + _core.SLOT_OVERHEAD)
-                _connect(engine, addresses)
+                engine.connect(addresses)
                 # Leave the step a moment to hear why a silent peer is silent.
                 engine.greet(max(deadline - time.monotonic() - GREET_RESERVE * self.timeout,
                                  0.001))
@@ -209,6 +208,16 @@ class Communicator:
         """Blocking alltoallv: the received data, concatenated in rank order."""
         return self.ialltoallv(sendbuf, sendcounts).wait()
 
+    def dup(self) -> "Communicator":
+        """A new Communicator over the same ranks with the same options
+        (collective: every rank calls it). A Communicator serves the one thread
+        that first uses it; give every other thread its own dup()."""
+        engine = self.engine
+        return Communicator(bootstrap=self._boot, bound=self.bound, slot_bytes=self.slot_bytes,
+                            provider=self.provider, timeout=self.timeout,
+                            chain_threshold=self.chain_threshold, progress=self.progress_mode,
+                            ring_slots=engine.ring_slots)
+
     def progress(self) -> int:
         """Poll completions once; returns how many were handled."""
         return self.engine.make_progress()
@@ -228,17 +237,8 @@ class Communicator:
         engine = self._engine
         if engine is None or engine.closed:
             return
-
-        def progress() -> int:
-            # A broken engine has reported (or will report) its error on the
-            # calls; closing must still reach the barrier and free everything.
-            try:
-                return engine.make_progress()
-            except FabricError:
-                return 0
-
         try:
-            self._boot.barrier(progress, self.timeout)
+            self._boot.barrier(engine.progress_for_teardown, self.timeout)
         except TimeoutError as exc:
             raise TimeoutError(f"rank {self.rank}: close(): ranks {exc.ranks} did not reach "
                                f"close() within timeout={self.timeout:g} s; this rank's fabric "
@@ -339,31 +339,6 @@ def _read_hello(payload: bytes, rank: int) -> dict:
     if not ok:
         raise ValueError(f"rank {rank} sent a malformed construction message {payload[:60]!r}")
     return hello
-
-
-# Until the engine's address is bytes: (endpoint name, region address, key).
-_ADDRESS = struct.Struct("<QQ")
-
-
-def _address_bytes(engine) -> bytes:
-    address = engine.local_address()
-    if isinstance(address, bytes):
-        return address
-    name, base, key = address
-    return _ADDRESS.pack(base, key) + bytes(name)
-
-
-def _connect(engine, blobs: List[bytes]) -> None:
-    if isinstance(engine.local_address(), bytes):
-        engine.connect(blobs)
-        return
-    addresses = []
-    for r, blob in enumerate(blobs):
-        if len(blob) <= _ADDRESS.size:
-            raise ValueError(f"rank {r} sent a malformed address of {len(blob)} bytes")
-        base, key = _ADDRESS.unpack_from(blob)
-        addresses.append((blob[_ADDRESS.size:], base, key))
-    engine.connect(addresses)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
