@@ -52,9 +52,14 @@ class Communicator:
     gives up after ``timeout`` seconds with blsfab.TimeoutError naming the ranks
     it is still waiting for.
 
+    Construction and ``close()`` are collective and obey ``timeout`` too: if
+    any rank fails or never arrives, every rank raises an error naming it.
+
     Without MPI, pass a torch c10d ``store`` (TCPStore or FileStore) with
-    ``rank`` and ``size``; any object with ``rank``, ``size``, ``allgather``
-    and ``barrier`` can also be given as ``bootstrap``.
+    ``rank`` and ``size``. Any object with ``rank``, ``size``,
+    ``allgather(payload: bytes, progress, timeout) -> list of bytes`` and
+    ``barrier(progress, timeout)`` can also be given as ``bootstrap`` (see
+    blsfab.bootstrap).
 
     ``ring_slots`` (advanced) overrides the slots per sender ring, 2*bound + 2 by
     default. Fewer slots save memory, but posts may then wait for credits
@@ -88,6 +93,8 @@ class Communicator:
         def hello() -> bytes:
             if not timeout_ok:
                 raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+            if provider is not None and not isinstance(provider, str):
+                raise TypeError(f"provider must be a str such as 'shm'; got {provider!r}")
             geometry = _geometry(bound, slot_bytes, ring_slots, chain_threshold, progress)
             return json.dumps({"host": hostname(), "usable": providers(),
                                "requested": provider, "env": os.environ.get("FI_PROVIDER"),

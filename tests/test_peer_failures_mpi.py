@@ -2,7 +2,7 @@
 surviving rank ends within timeout + 1 s with an error naming the failing rank.
 
 The jobs run under ``mpirun --enable-recovery`` so that a killed rank does not
-make mpirun kill the survivors first; tests/mpi/check_failures.py checks the
+make mpirun kill the survivors first; tests/mpi/check_peer_failures.py checks the
 errors and timings on each rank and prints one OK line per survivor.
 """
 
@@ -22,7 +22,7 @@ SCENARIOS = ["geometry", "alloc", "late", "die_before", "die_during", "die_mid_r
 
 def run_failure(provider, scenario, timeout=90):
     cmd = ["mpirun", "--oversubscribe", "--enable-recovery", "--mca", "btl", "vader,self",
-           "-np", str(NPROCS), sys.executable, os.path.join(MPI_DIR, "check_failures.py"),
+           "-np", str(NPROCS), sys.executable, os.path.join(MPI_DIR, "check_peer_failures.py"),
            provider, scenario]
     try:
         proc = subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True,

@@ -1,7 +1,7 @@
 """Failures at construction, mid-run and at close end on every surviving rank
 within timeout + 1 s, with an error naming the failing rank.
 
-usage: check_failures.py PROVIDER SCENARIO  (run with mpirun --enable-recovery)
+usage: check_peer_failures.py PROVIDER SCENARIO  (run with mpirun --enable-recovery)
 
 The last rank is the one that misbehaves. Every survivor prints
 "OK rank R SCENARIO <seconds>"; the test checks that each one did. Workers leave
