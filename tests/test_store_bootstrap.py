@@ -183,6 +183,30 @@ def test_a_non_store_is_rejected():
         StoreBootstrap(object(), 0, 1)
 
 
+def test_construction_names_a_rank_that_never_arrives_within_the_timeout():
+    t0 = time.monotonic()
+    with pytest.raises(blsfab.TimeoutError) as info:
+        blsfab.Communicator(store=dist.HashStore(), rank=0, size=2, timeout=1.0,
+                            provider="shm", slot_bytes=4096)
+    assert time.monotonic() - t0 < 2.0
+    assert info.value.ranks == [1] and "[1]" in str(info.value)
+
+
+def test_geometry_mismatch_raises_on_every_rank_naming_each_ranks_values():
+    store = dist.HashStore()
+
+    def rank_fn(r):
+        try:
+            blsfab.Communicator(store=store, rank=r, size=2, timeout=10, provider="shm",
+                                slot_bytes=4096 * (r + 1))
+        except ValueError as exc:
+            return str(exc)
+        return "accepted"
+
+    for text in run_threads(2, rank_fn):
+        assert "rank 0: slot_bytes=4096" in text and "rank 1: slot_bytes=8192" in text, text
+
+
 def test_communicator_needs_rank_and_size_with_a_store():
     with pytest.raises(ValueError, match="rank"):
         blsfab.Communicator(store=dist.HashStore())
