@@ -82,6 +82,9 @@ class Communicator:
         self._boot = _make_bootstrap(mpi_comm, store, rank, size, bootstrap, self.timeout)
         self.rank = self._boot.rank
         self.size = self._boot.size
+        # rxm sizes its queues for this many peers (and warns above 256); it is
+        # read when libfabric starts, so set it before the first provider query.
+        os.environ.setdefault("FI_UNIVERSE_SIZE", str(self.size))
         self.bound = bound
         self.chain_threshold = chain_threshold
         if progress is None:

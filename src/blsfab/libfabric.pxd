@@ -16,7 +16,8 @@ cdef extern from "<rdma/fabric.h>" nogil:
     uint64_t FI_SEND, FI_RECV, FI_TRANSMIT
     uint64_t FI_REMOTE_CQ_DATA, FI_MORE, FI_COMPLETION, FI_INJECT
     uint64_t FI_CONTEXT, FI_RX_CQ_DATA, FI_LOCAL_COMM, FI_REMOTE_COMM
-    uint64_t FI_SELECTIVE_COMPLETION
+    uint64_t FI_SELECTIVE_COMPLETION, FI_SOURCE
+    fi_addr_t FI_ADDR_NOTAVAIL
     int FI_MR_LOCAL, FI_MR_VIRT_ADDR, FI_MR_ALLOCATED, FI_MR_PROV_KEY
     int FI_MR_ENDPOINT, FI_MR_RAW
     uint32_t FI_ADDR_STR
@@ -69,7 +70,21 @@ cdef extern from "<rdma/fabric.h>" nogil:
         size_t size
     struct fi_ep_attr:
         fi_ep_type type
+        uint32_t protocol
         size_t max_msg_size
+    uint32_t FI_PROTO_RDMA_CM_IB_XRC
+    enum fi_link_state:
+        FI_LINK_UNKNOWN
+        FI_LINK_DOWN
+        FI_LINK_UP
+    struct fi_device_attr:
+        char* name
+    struct fi_link_attr:
+        char* address
+        fi_link_state state
+    struct fid_nic:
+        fi_device_attr* device_attr
+        fi_link_attr* link_attr
     struct fi_domain_attr:
         char* name
         fi_threading threading
@@ -94,6 +109,7 @@ cdef extern from "<rdma/fabric.h>" nogil:
         fi_ep_attr* ep_attr
         fi_domain_attr* domain_attr
         fi_fabric_attr* fabric_attr
+        fid_nic* nic
 
     fi_info* fi_allocinfo()
     fi_info* fi_dupinfo(const fi_info* info)
@@ -154,6 +170,7 @@ cdef extern from "<rdma/fi_eq.h>" nogil:
         size_t err_data_size
     int fi_cq_open(fid_domain* domain, fi_cq_attr* attr, fid_cq** cq, void* context)
     ssize_t fi_cq_read(fid_cq* cq, void* buf, size_t count)
+    ssize_t fi_cq_readfrom(fid_cq* cq, void* buf, size_t count, fi_addr_t* src_addr)
     ssize_t fi_cq_readerr(fid_cq* cq, fi_cq_err_entry* buf, uint64_t flags)
     const char* fi_cq_strerror(fid_cq* cq, int prov_errno, const void* err_data,
                                char* buf, size_t len)

@@ -18,17 +18,6 @@ cdef class CompletionQueue:
         self.domain = domain
         check(fi_cq_open(domain.domain, &attr, &self.cq, NULL), "fi_cq_open", domain.provider)
 
-    cdef str read_error(self):
-        """Describe the error entry at the head of the CQ (after -FI_EAVAIL)."""
-        cdef fi_cq_err_entry err
-        cdef char buf[256]
-        memset(&err, 0, sizeof(err))
-        if fi_cq_readerr(self.cq, &err, 0) < 0:
-            return "unreadable error completion"
-        detail = fi_cq_strerror(self.cq, err.prov_errno, err.err_data, buf, sizeof(buf))
-        return (f"{fi_error_text(err.err)} (err {err.err}, provider errno {err.prov_errno}: "
-                f"{detail.decode(errors='replace') if detail != NULL else '?'})")
-
     def close(self):
         cdef fid_cq* cq = self.cq
         if cq != NULL:

@@ -3,15 +3,13 @@
 # arrives), ring_progress.pyx (polling, waiting, credits) and ring_send.pyx
 # (what leaves); ring_state.pyx turns failures into exceptions.
 
-import os as _os
-
 
 cdef uint64_t random_key(size_t key_bytes):
     """An unpredictable memory-region key of ``key_bytes`` bytes (at most 8), never 0."""
     cdef uint64_t key = 0
     cdef size_t n = key_bytes if 0 < key_bytes < 8 else 8
     while key == 0:
-        key = int.from_bytes(_os.urandom(n), "little")
+        key = int.from_bytes(os.urandom(n), "little")
     return key
 
 
@@ -88,6 +86,7 @@ cdef class RingEngine(RingSender):
         self.ep_obj = Endpoint(self.domain_obj, self.cq_obj, self.av_obj)
         self.ep, self.cq = self.ep_obj.ep, self.cq_obj.cq
         self.selective = self.ep_obj.selective_completion
+        self.check_source = info.source_addresses
 
         # One region per sender ring, each under its own random key that only
         # that sender learns: a peer can address no ring but its own.
@@ -239,6 +238,7 @@ cdef class RingEngine(RingSender):
         cdef int r, rc = RC_OK
         cdef double deadline = monotonic() + timeout
         self.check_usable(False)
+        self.enter()
         with nogil:
             for r in range(self.size):
                 if r != self.rank:
@@ -248,6 +248,7 @@ cdef class RingEngine(RingSender):
                     rc = RC_OK
             if rc == RC_OK:
                 rc = self.wait_greeted(deadline)
+        self.leave()
         if rc == RC_TIMEOUT:
             missing = [r for r in range(self.size) if r != self.rank and not self.peers[r].greeted]
             raise BlsTimeoutError(
@@ -307,6 +308,7 @@ cdef class RingEngine(RingSender):
                            bint keep_gil) except -1:
         cdef uint64_t puts_before = self.counters.puts
         cdef int rc
+        self.enter()
         if keep_gil:
             # Releasing the GIL costs more than a small post; the wait
             # primitive releases it anyway if the post has to wait.
@@ -318,6 +320,7 @@ cdef class RingEngine(RingSender):
                 self.lock()
                 rc = self.post_items(items, m, deadline)
                 self.unlock()
+        self.leave()
         if rc < 0:
             self.post_failed(rc, requests, puts_before)
         return 0
@@ -375,7 +378,7 @@ cdef class RingEngine(RingSender):
     def wait_heard(self, int64_t need, double timeout):
         """Block, progressing, until every peer has posted ``need`` iterations.
         Returns the lead: iterations posted here beyond the slowest peer."""
-        self.check_usable()
+        self.check_usable(False)
         return self._await_heard(need, monotonic() + timeout, timeout)
 
     cdef int64_t _await_heard(self, int64_t need, double deadline, double timeout) except? -1:
@@ -383,10 +386,12 @@ cdef class RingEngine(RingSender):
         leaves the communicator usable: every post is complete."""
         cdef int rc
         if self.min_heard() < need:
+            self.enter()
             with nogil:
                 self.lock()
                 rc = self.wait_heard_nogil(need, deadline)
                 self.unlock()
+            self.leave()
             self.check_rc(rc, self.posted - 1, "", need, timeout)
         return self.note_lead()
 
@@ -492,6 +497,8 @@ cdef class RingEngine(RingSender):
             "ring_slots": self.ring_slots, "slot_bytes": self.slot_bytes,
             "inject_limit": self.inject_limit, "selective_completion": self.selective,
             "fabric": self.info.fabric_name, "domain": self.info.domain_name,
+            "nic": self.info.chosen.get("device") if self.info.chosen else None,
+            "source_checked": self.check_source,
         }
 
     # ---- lifetime -----------------------------------------------------------------

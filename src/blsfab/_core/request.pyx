@@ -247,7 +247,6 @@ cdef class Request:
         self.check_usable()
         self.engine.check_not_broken()
         if not self.is_detached():
-            self.engine.check_usable()
             self.engine.make_progress()
             if not self.is_detached():
                 return False
@@ -267,13 +266,15 @@ cdef class Request:
         self.check_usable()
         self.engine.check_not_broken()
         if not self.is_detached():
-            self.engine.check_usable()
+            self.engine.check_usable(False)
             limit = self.engine.default_timeout if timeout is None else timeout
             deadline = monotonic() + limit
+            self.engine.enter()
             with nogil:
                 self.engine.lock()
                 rc = self.engine.wait_state(self.state, deadline)
                 self.engine.unlock()
+            self.engine.leave()
             self.engine.check_rc(rc, self.iteration, "", -1, limit, self.state)
             self.check_usable()
         self.finish()

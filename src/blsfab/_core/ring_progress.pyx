@@ -15,8 +15,6 @@
 # A slot is therefore never overwritten before its receiver is done with it,
 # on any provider, including verbs where writes land without the target's CPU.
 
-from libc.string cimport strncpy
-
 
 cdef class RingProgress(RingReceiver):
 
@@ -28,7 +26,10 @@ cdef class RingProgress(RingReceiver):
         cdef int rc, handled = 0
         cdef fi_cq_data_entry* e
         if self.batch_next == self.batch_len:
-            n = fi_cq_read(self.cq, self.batch, 16)
+            if self.check_source:
+                n = fi_cq_readfrom(self.cq, self.batch, 16, self.batch_source)
+            else:
+                n = fi_cq_read(self.cq, self.batch, 16)
             if n == -FI_EAGAIN:
                 return 0
             if n < 0:
@@ -47,6 +48,11 @@ cdef class RingProgress(RingReceiver):
             # Our own writes' entries (providers without selective completion)
             # need nothing: credits, not completions, recycle staging slots.
             if e.flags & FI_REMOTE_WRITE and e.flags & FI_REMOTE_CQ_DATA:
+                if self.check_source:
+                    rc = self.check_writer(e.data, self.batch_source[self.batch_next - 1])
+                    if rc < 0:
+                        self.fatal = True
+                        return rc
                 rc = self.on_notification(e.data)
                 if rc < 0:
                     self.fatal = True
@@ -57,6 +63,18 @@ cdef class RingProgress(RingReceiver):
                 self.fatal = True
                 return rc
         return handled
+
+    cdef int check_writer(self, uint64_t imm, fi_addr_t source) noexcept nogil:
+        """The rank a notification names must own the endpoint that wrote it."""
+        cdef uint32_t claimed = bls_imm_rank(imm)
+        cdef int r
+        if (source == FI_ADDR_NOTAVAIL or claimed >= <uint32_t>self.size
+                or claimed == <uint32_t>self.rank or self.peers[claimed].addr == source):
+            return RC_OK  # unknown writer, or on_notification rejects the rank itself
+        for r in range(self.size):
+            if r != self.rank and self.peers[r].addr == source:
+                return self.protocol_error(PE_SPOOFED, r, claimed)
+        return self.protocol_error(PE_SPOOFED, -1, claimed)
 
     cdef void read_cq_error(self) noexcept nogil:
         """Keep the error completion at the head of the CQ for the report."""

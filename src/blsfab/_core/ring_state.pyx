@@ -46,7 +46,9 @@ cdef class RingState:
     cdef uint64_t scratch_word
     # One CQ batch; entries not yet handled survive a failed poll.
     cdef fi_cq_data_entry batch[16]
+    cdef fi_addr_t batch_source[16]     # with FI_SOURCE: who wrote each entry
     cdef int batch_next, batch_len
+    cdef bint check_source
     # progress="thread": a thread polls between calls; every entry point then
     # holds this mutex, and the thread takes it for one poll at a time.
     cdef pthread_mutex_t mutex
@@ -68,8 +70,9 @@ cdef class RingState:
     cdef fi_cq_err_entry err_entry      # an error completion, read where it was found
     cdef char err_text[256]
     cdef object broken                  # the BrokenError every later call raises
-    cdef unsigned long owner            # the thread this engine belongs to
+    cdef unsigned long owner            # the thread that issues iterations
     cdef bint owned
+    cdef unsigned long active_thread    # a thread inside a call without the GIL, or 0
     cdef readonly bint closed
     cdef public double default_timeout
     cdef readonly FabricInfo info
@@ -200,10 +203,15 @@ cdef class RingState:
             raise self.broken
         return 0
 
-    cdef int check_usable(self, bint bind=True) except -1:
-        """Every call starts here: closed, broken, or not this thread's? The
-        first collective call binds the engine to its thread (set-up and
-        teardown do not, so another thread may create or close it)."""
+    cdef int check_usable(self, bint issuing=True) except -1:
+        """Every call starts here: closed, broken, or not this thread's?
+
+        Which thread issues iterations decides how they pair with the
+        peers', so the first thread to issue one owns the communicator and
+        any other thread's ialltoallv/prepare/post is refused. Waiting and
+        polling may come from any thread, one at a time (the torch backend
+        completes works from a helper thread under its own lock), but never
+        while another thread is inside a call that released the GIL."""
         cdef unsigned long me
         cdef int thread_rc
         if self.closed:
@@ -217,12 +225,25 @@ cdef class RingState:
         if self.broken is not None:
             raise self.broken
         me = PyThread_get_thread_ident()
-        if not self.owned:
-            if bind:
-                self.owner, self.owned = me, True
-        elif me != self.owner:
+        if self.active_thread != 0 and self.active_thread != me:
             raise RuntimeError(
-                f"rank {self.rank}: this communicator belongs to thread {self.owner} and was "
-                f"called from thread {me}; a communicator serves one thread: give each thread "
-                "its own with comm.dup()")
+                f"rank {self.rank}: thread {me} called this communicator while thread "
+                f"{self.active_thread} is inside a call on it; a communicator serves one thread: "
+                "give each thread its own with comm.dup()")
+        if issuing:
+            if not self.owned:
+                self.owner, self.owned = me, True
+            elif me != self.owner:
+                raise RuntimeError(
+                    f"rank {self.rank}: this communicator belongs to thread {self.owner}, which "
+                    f"issued its iterations, and thread {me} tried to issue one; iterations "
+                    "from two threads would pair with the wrong peers' data: give each thread "
+                    "its own with comm.dup()")
         return 0
+
+    cdef inline void enter(self):
+        """Mark this thread as inside a call that releases the GIL."""
+        self.active_thread = PyThread_get_thread_ident()
+
+    cdef inline void leave(self):
+        self.active_thread = 0

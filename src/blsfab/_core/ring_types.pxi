@@ -38,6 +38,7 @@ cdef enum:
     PE_CREDIT_UNSENT = 8
     PE_WANT_UNSENT = 9
     PE_RECORD_COUNT = 10
+    PE_SPOOFED = 11
 
 PROTOCOL_ERRORS = {
     PE_NOT_A_PEER: "a notification names rank {rank}, which is not a peer",
@@ -52,6 +53,7 @@ PROTOCOL_ERRORS = {
     PE_CREDIT_UNSENT: "rank {rank} reported consuming {value} slots, more than were sent to it",
     PE_WANT_UNSENT: "rank {rank} asked for a credit of {value} slots, beyond anything it sent",
     PE_RECORD_COUNT: "rank {rank} sent a slot claiming {value} records, more than fit a slot",
+    PE_SPOOFED: "a notification naming rank {value} came from rank {rank}'s endpoint",
 }
 
 cdef struct Peer:
