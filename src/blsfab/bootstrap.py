@@ -206,17 +206,20 @@ def _read_failure(verdict: bytes, rank: int) -> dict:
     raise ValueError(f"rank {rank} sent a malformed failure report {verdict[:40]!r}")
 
 
-def run_step(boot, what: str, work: Callable[[], bytes], deadline: float,
-             progress: Progress = None) -> List[bytes]:
+def run_step(boot, what: str, work: Callable[[], bytes], timeout: float,
+             progress: Progress = None, deadline: Optional[float] = None) -> List[bytes]:
     """One collective step: run ``work()`` here, then exchange its result (or
-    its error) with every rank until ``deadline``. Returns every rank's
-    payload, or raises on every rank an error naming each failing rank and its
-    own error text; ranks never heard from are named as such."""
+    its error) with every rank for at most ``timeout`` seconds (or until
+    ``deadline``, when the local work itself waited on peers). Returns every
+    rank's payload, or raises on every rank an error naming each failing rank
+    and its own error text; ranks never heard from are named as such."""
     local_error = None
     try:
         verdict = OK + work()
     except Exception as exc:  # noqa: BLE001 - carried to every rank, then raised
         local_error, verdict = exc, failure(exc)
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     try:
         try:
             verdicts = boot.allgather(verdict, progress, max(deadline - time.monotonic(), 0.0))

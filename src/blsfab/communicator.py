@@ -52,8 +52,9 @@ class Communicator:
     gives up after ``timeout`` seconds with blsfab.TimeoutError naming the ranks
     it is still waiting for.
 
-    Construction and ``close()`` are collective and obey ``timeout`` too: if
-    any rank fails or never arrives, every rank raises an error naming it.
+    Construction and ``close()`` are collective and each of their steps obeys
+    ``timeout`` too: if any rank fails or never arrives, every rank raises an
+    error naming it.
 
     Without MPI, pass a torch c10d ``store`` (TCPStore or FileStore) with
     ``rank`` and ``size``. Any object with ``rank``, ``size``,
@@ -78,7 +79,6 @@ class Communicator:
         # A bad timeout is reported through the first step like any bad
         # argument; the step itself then waits the default.
         self.timeout = float(timeout) if timeout_ok else 60.0
-        deadline = time.monotonic() + self.timeout
         self._boot = _make_bootstrap(mpi_comm, store, rank, size, bootstrap, self.timeout)
         self.rank = self._boot.rank
         self.size = self._boot.size
@@ -105,7 +105,7 @@ class Communicator:
 
         hellos = [_read_hello(h, r) for r, h in
                   enumerate(run_step(self._boot, "blsfab.Communicator construction (arguments)",
-                                     hello, deadline))]
+                                     hello, self.timeout))]
         geometry = hellos[self.rank]["geometry"]
         mismatch = geometry_mismatch([h["geometry"] for h in hellos])
         if mismatch:
@@ -128,9 +128,12 @@ class Communicator:
 
         try:
             addresses = run_step(self._boot, "blsfab.Communicator construction (rings)", build,
-                                 deadline)
+                                 self.timeout)
 
             # Step 3: connect and warm every connection; report the outcome.
+            # The warm-up waits on peers, so it shares the step's deadline.
+            deadline = time.monotonic() + self.timeout
+
             def connect() -> bytes:
                 engine.default_timeout = self.timeout
                 oversubscribed = self._ranks_on_host > (os.cpu_count() or 1)
@@ -145,7 +148,7 @@ class Communicator:
                 return b""
 
             run_step(self._boot, "blsfab.Communicator construction (connections)", connect,
-                     deadline, engine.make_progress)
+                     self.timeout, engine.make_progress, deadline)
         except BaseException:
             if engine is not None:
                 engine.close()

@@ -122,11 +122,22 @@ if scenario == "die_before":
 
 if scenario == "die_during":
     # The odd rank dies between the address exchange and the connection step.
-    if rank == odd:
-        import blsfab.communicator as c
-        step = c.run_step
-        c.run_step = lambda boot, what, *a: die() if "connections" in what else step(boot, what, *a)
-    exc, took = expect_error(make, blsfab.TimeoutError, [f"{odd}"])
+    # Survivors time it from there, the moment it dies.
+    import blsfab.communicator as c
+    step, started = c.run_step, []
+
+    def run_step(boot, what, *args):
+        if "connections" in what:
+            if rank == odd:
+                die()
+            started.append(time.monotonic())
+        return step(boot, what, *args)
+
+    c.run_step = run_step
+    exc, _ = expect_error(make, blsfab.TimeoutError, [f"{odd}"], limit=1e9)
+    took = time.monotonic() - started[0]
+    if took > T + SLACK:
+        fail(f"{took:.2f} s after the death: {exc}")
     if odd not in exc.ranks:
         fail(f"ranks {exc.ranks}")
     done(took, str(exc))
