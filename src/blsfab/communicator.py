@@ -38,9 +38,17 @@ def ring_slots_for(bound: int) -> int:
     return 2 * bound + 2
 
 
+_usable: Optional[List[str]] = None
+
+
 def providers() -> List[str]:
-    """The providers usable on this host for blsfab, best first."""
-    return [name for name in _provider.KNOWN if _core.FabricInfo.query(name) is not None]
+    """The providers usable on this host for blsfab, best first. Queried
+    once per process: libfabric reads its environment only when it starts,
+    and the queries take a noticeable share of a short construction timeout."""
+    global _usable
+    if _usable is None:
+        _usable = [name for name in _provider.KNOWN if _core.FabricInfo.query(name) is not None]
+    return list(_usable)
 
 
 class Communicator:
