@@ -231,8 +231,8 @@ class Communicator:
 
     def dup(self) -> "Communicator":
         """A new Communicator over the same ranks with the same options
-        (collective: every rank calls it). A Communicator serves the one thread
-        that first uses it; give every other thread its own dup()."""
+        (collective: every rank calls it). A Communicator belongs to the thread
+        that issues its iterations; give every other thread its own dup()."""
         engine = self.engine
         return Communicator(bootstrap=self._boot, bound=self.bound, slot_bytes=self.slot_bytes,
                             provider=self.provider, timeout=self.timeout,

@@ -7,6 +7,7 @@ only if a waiting post lets the other thread run (it releases the GIL).
 
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -47,6 +48,32 @@ t.join()
 expect(len(errors) == 1 and "dup()" in str(errors[0]) and "thread" in str(errors[0]),
        f"a call from another thread gave {errors!r}")
 expect(comm.iteration == 1, "the refused call issued an iteration")
+
+# While this thread blocks (rank 1 posts late, so rank 0's post waits for a
+# credit, then its wait for data), another thread's poll is refused rather
+# than racing it.
+errors.clear()
+
+
+def poller():
+    time.sleep(0.3)
+    try:
+        comm.progress()
+    except RuntimeError as e:
+        errors.append(e)
+
+
+if rank == 0:
+    t = threading.Thread(target=poller)
+    t.start()
+    out = comm.ialltoallv(message(0, 1), [3] * size).wait()
+    t.join()
+    expect(np.array_equal(out, expected(0, 1)), f"iteration 1: {out}")
+    expect(len(errors) == 1 and "inside a call" in str(errors[0]),
+           f"a poll during another thread's wait gave {errors!r}")
+else:
+    time.sleep(1.0)
+    comm.ialltoallv(message(0, 1), [3] * size).wait()
 
 
 def worker(c, tag):

@@ -210,7 +210,7 @@ cdef class RingState:
         peers', so the first thread to issue one owns the communicator and
         any other thread's ialltoallv/prepare/post is refused. Waiting and
         polling may come from any thread, one at a time (the torch backend
-        completes works from a helper thread under its own lock), but never
+        completes works from its progress thread under its own lock), but never
         while another thread is inside a call that released the GIL."""
         cdef unsigned long me
         cdef int thread_rc
