@@ -51,16 +51,15 @@ def test_allgather_returns_every_rank_in_order_and_calls_do_not_collide():
 
     def rank_fn(r):
         boot = StoreBootstrap(store, r, 3, timeout=10)
-        first = boot.allgather(("a", r))
-        second = boot.allgather({"r": r, "blob": bytes([r]) * 1000})
-        third = boot.allgather(r * r)
+        first = boot.allgather(b"a%d" % r)
+        second = boot.allgather(bytes([r]) * 1000)
+        third = boot.allgather(b"")
         return first, second, third
 
     for first, second, third in run_threads(3, rank_fn):
-        assert first == [("a", 0), ("a", 1), ("a", 2)]
-        assert [d["r"] for d in second] == [0, 1, 2]
-        assert [d["blob"][:1] for d in second] == [b"\0", b"\1", b"\2"]
-        assert third == [0, 1, 4]
+        assert first == [b"a0", b"a1", b"a2"]
+        assert second == [bytes([r]) * 1000 for r in range(3)]
+        assert third == [b""] * 3
 
 
 def test_second_bootstrap_on_the_same_store_gets_its_own_keys():
@@ -70,11 +69,11 @@ def test_second_bootstrap_on_the_same_store_gets_its_own_keys():
         out = []
         for generation in range(3):
             boot = StoreBootstrap(store, r, 2, timeout=10)
-            out.append(boot.allgather((generation, r)))
+            out.append(boot.allgather(b"%d/%d" % (generation, r)))
         return out
 
     for out in run_threads(2, rank_fn):
-        assert out == [[(g, 0), (g, 1)] for g in range(3)]
+        assert out == [[b"%d/0" % g, b"%d/1" % g] for g in range(3)]
 
 
 def test_old_keys_are_deleted_once_every_rank_moved_on():
@@ -82,8 +81,8 @@ def test_old_keys_are_deleted_once_every_rank_moved_on():
 
     def rank_fn(r):
         boot = StoreBootstrap(store, r, 2, timeout=10)
-        boot.allgather(r)
-        boot.allgather(r)
+        boot.allgather(b"%d" % r)
+        boot.allgather(b"%d" % r)
         boot.barrier(lambda: 0, 10)
         return boot
 
@@ -131,8 +130,45 @@ def test_allgather_timeout_names_the_missing_ranks():
     store = dist.HashStore()
     boot = StoreBootstrap(store, 0, 2, timeout=0.3)
     with pytest.raises(blsfab.TimeoutError) as info:
-        boot.allgather("x")
+        boot.allgather(b"x")
     assert info.value.ranks == [1]
+
+
+def test_allgather_takes_bytes_only():
+    boot = StoreBootstrap(dist.HashStore(), 0, 1, timeout=1)
+    with pytest.raises(TypeError, match="bytes"):
+        boot.allgather({"not": "bytes"})
+
+
+class RunsCode:
+    """Unpickling this runs code: it records that it ran."""
+    ran = []
+
+    def __reduce__(self):
+        return (RunsCode.ran.append, ("unpickled",))
+
+
+def test_a_store_value_that_would_run_code_is_refused_naming_its_key():
+    import pickle
+    store = dist.HashStore()
+    boots = [StoreBootstrap(store, r, 2, timeout=5) for r in range(2)]
+    # A hostile client writes rank 1's value of the first allgather as a pickle.
+    key = f"{boots[1]._ns}/1/allgather/1"
+    store.set(key, pickle.dumps(RunsCode()))
+    with pytest.raises(ValueError) as info:
+        boots[0].allgather(b"mine")
+    assert key in str(info.value) and "not a blsfab bootstrap value" in str(info.value)
+    assert RunsCode.ran == []
+
+
+def test_a_hostile_step_value_fails_construction_on_every_rank_naming_the_rank():
+    # Well-formed envelope, garbage inside: the step layer names the rank.
+    from blsfab.bootstrap import run_step, seal
+    store = dist.HashStore()
+    boots = [StoreBootstrap(store, r, 2, timeout=5) for r in range(2)]
+    store.set(f"{boots[1]._ns}/1/allgather/1", seal(b"\x07garbage"))
+    with pytest.raises(ValueError, match="rank 1 sent a malformed"):
+        run_step(boots[0], "test step", lambda: b"ok", 5.0)
 
 
 @pytest.mark.parametrize("rank,size,exc", [(2, 2, ValueError), (-1, 2, ValueError),
@@ -145,6 +181,30 @@ def test_bad_rank_or_size_is_rejected(rank, size, exc):
 def test_a_non_store_is_rejected():
     with pytest.raises(TypeError, match="Store"):
         StoreBootstrap(object(), 0, 1)
+
+
+def test_construction_names_a_rank_that_never_arrives_within_the_timeout():
+    t0 = time.monotonic()
+    with pytest.raises(blsfab.TimeoutError) as info:
+        blsfab.Communicator(store=dist.HashStore(), rank=0, size=2, timeout=1.0,
+                            provider="shm", slot_bytes=4096)
+    assert time.monotonic() - t0 < 2.0
+    assert info.value.ranks == [1] and "[1]" in str(info.value)
+
+
+def test_geometry_mismatch_raises_on_every_rank_naming_each_ranks_values():
+    store = dist.HashStore()
+
+    def rank_fn(r):
+        try:
+            blsfab.Communicator(store=store, rank=r, size=2, timeout=10, provider="shm",
+                                slot_bytes=4096 * (r + 1))
+        except ValueError as exc:
+            return str(exc)
+        return "accepted"
+
+    for text in run_threads(2, rank_fn):
+        assert "rank 0: slot_bytes=4096" in text and "rank 1: slot_bytes=8192" in text, text
 
 
 def test_communicator_needs_rank_and_size_with_a_store():

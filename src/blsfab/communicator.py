@@ -6,20 +6,25 @@ rings are, timeouts, and bootstrap. The transport is blsfab._core.RingEngine.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
 from typing import List, Optional, Sequence
 
 from . import _core
 from . import provider as _provider
-from .bootstrap import MPIBootstrap, hostname
-from .errors import ClosedError
+from .bootstrap import MPIBootstrap, geometry_mismatch, hostname, run_step
+from .errors import ClosedError, FabricError, TimeoutError
 
 Request = _core.Request
 
 # Empty polls before a waiting rank yields its core.
 SPIN_POLLS = 4096
 SPIN_POLLS_OVERSUBSCRIBED = 1
+
+# Share of the construction timeout kept for the last step after the warm-up.
+GREET_RESERVE = 0.2
 
 # Iterations one chain may hold before it is posted; sizes the receive window.
 MAX_CHAIN = 64
@@ -33,9 +38,17 @@ def ring_slots_for(bound: int) -> int:
     return 2 * bound + 2
 
 
+_usable: Optional[List[str]] = None
+
+
 def providers() -> List[str]:
-    """The providers usable on this host for blsfab, best first."""
-    return [name for name in _provider.KNOWN if _core.FabricInfo.query(name) is not None]
+    """The providers usable on this host for blsfab, best first. Queried
+    once per process: libfabric reads its environment only when it starts,
+    and the queries take a noticeable share of a short construction timeout."""
+    global _usable
+    if _usable is None:
+        _usable = [name for name in _provider.KNOWN if _core.FabricInfo.query(name) is not None]
+    return list(_usable)
 
 
 class Communicator:
@@ -47,9 +60,15 @@ class Communicator:
     gives up after ``timeout`` seconds with blsfab.TimeoutError naming the ranks
     it is still waiting for.
 
+    Construction and ``close()`` are collective and each of their steps obeys
+    ``timeout`` too: if any rank fails or never arrives, every rank raises an
+    error naming it.
+
     Without MPI, pass a torch c10d ``store`` (TCPStore or FileStore) with
-    ``rank`` and ``size``; any object with ``rank``, ``size``, ``allgather``
-    and ``barrier`` can also be given as ``bootstrap``.
+    ``rank`` and ``size``. Any object with ``rank``, ``size``,
+    ``allgather(payload: bytes, progress, timeout) -> list of bytes`` and
+    ``barrier(progress, timeout)`` can also be given as ``bootstrap`` (see
+    blsfab.bootstrap).
 
     ``ring_slots`` (advanced) overrides the slots per sender ring, 2*bound + 2 by
     default. Fewer slots save memory, but posts may then wait for credits
@@ -62,74 +81,108 @@ class Communicator:
                  ring_slots: Optional[int] = None, store=None, rank: Optional[int] = None,
                  size: Optional[int] = None, bootstrap=None):
         self._engine = None
-        bound = _check_int("bound", bound, 0)
-        slot_bytes = _check_int("slot_bytes", slot_bytes, _core.SLOT_OVERHEAD + 8)
-        if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
-            raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
-        if ring_slots is None:
-            ring_slots = ring_slots_for(bound)
-        ring_slots = _check_int("ring_slots", ring_slots, 1)
-        if ring_slots > _core.BLS_MAX_RING_SLOTS_PY:
-            raise ValueError(f"ring_slots={ring_slots} (2*bound + 2 by default) exceeds "
-                             f"{_core.BLS_MAX_RING_SLOTS_PY}; lower bound=")
-        self._boot = _make_bootstrap(mpi_comm, store, rank, size, bootstrap)
+        self._chain: Optional[List[Request]] = None
+        timeout_ok = (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                      and timeout > 0 and math.isfinite(timeout))
+        # A bad timeout is reported through the first step like any bad
+        # argument; the step itself then waits the default.
+        self.timeout = float(timeout) if timeout_ok else 60.0
+        self._boot = _make_bootstrap(mpi_comm, store, rank, size, bootstrap, self.timeout)
         self.rank = self._boot.rank
         self.size = self._boot.size
         # rxm sizes its queues for this many peers (and warns above 256); it is
         # read when libfabric starts, so set it before the first provider query.
         os.environ.setdefault("FI_UNIVERSE_SIZE", str(self.size))
         self.bound = bound
-        self.timeout = float(timeout)
-        self._chain: Optional[List[Request]] = None
+        self.chain_threshold = chain_threshold
         if progress is None:
             progress = os.environ.get("BLSFAB_PROGRESS", "poll")
-        if progress not in ("poll", "thread"):
-            raise ValueError(f"progress={progress!r}: use 'poll' (progress inside calls) or "
-                             "'thread' (a background thread polls between calls)")
         self.progress_mode = progress
-        self.chain_threshold = chain_threshold
 
-        name = self._agree_on_provider(provider)
-        info = _core.FabricInfo.query(name)
-        slot_bytes = (slot_bytes + 7) // 8 * 8
-        engine = _core.RingEngine(info, self.rank, self.size, slot_bytes, ring_slots,
-                                  2 * (bound + MAX_CHAIN) + 8)
-        engine.default_timeout = self.timeout
-        oversubscribed = self._ranks_on_host > (os.cpu_count() or 1)
-        engine.set_spin_polls(SPIN_POLLS_OVERSUBSCRIBED if oversubscribed else SPIN_POLLS)
-        if chain_threshold is not None:
-            engine.set_inject_limit(_check_int("chain_threshold", chain_threshold, 0)
-                                    + _core.SLOT_OVERHEAD)
-        if os.environ.get("BLSFAB_MALLOC_TUNING", "1") != "0":
-            _core.tune_malloc(max(256 << 20, 4 * self.size * slot_bytes))
+        # Step 1: arguments, provider and geometry. Every rank reports what it
+        # has (or why it failed), so every rank raises the same error.
+        def hello() -> bytes:
+            if not timeout_ok:
+                raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+            if provider is not None and not isinstance(provider, str):
+                raise TypeError(f"provider must be a str such as 'shm'; got {provider!r}")
+            geometry = _geometry(bound, slot_bytes, ring_slots, chain_threshold, progress)
+            return json.dumps({"host": hostname(), "usable": providers(),
+                               "requested": provider, "env": os.environ.get("FI_PROVIDER"),
+                               "geometry": geometry}).encode()
+
+        hellos = [_read_hello(h, r) for r, h in
+                  enumerate(run_step(self._boot, "blsfab.Communicator construction (arguments)",
+                                     hello, self.timeout))]
+        geometry = hellos[self.rank]["geometry"]
+        mismatch = geometry_mismatch([h["geometry"] for h in hellos])
+        if mismatch:
+            raise ValueError(mismatch)
+        name = self._agree_on_provider(hellos)
+        self.slot_bytes = geometry["slot_bytes"]
+        ring_slots = geometry["ring_slots"]
+
+        # Step 2: allocate and register the rings; exchange addresses.
+        engine = None
+
+        def build() -> bytes:
+            nonlocal engine
+            info = _core.FabricInfo.query(name)
+            if info is None:
+                raise FabricError(f"provider {name!r} is not usable on rank {self.rank}")
+            engine = _core.RingEngine(info, self.rank, self.size, self.slot_bytes, ring_slots,
+                                      2 * (bound + MAX_CHAIN) + 8)
+            return engine.local_address()
+
         try:
-            engine.connect(self._boot.allgather(engine.local_address()))
-            engine.greet(self.timeout)
-            self._boot.barrier(engine.make_progress, self.timeout)
+            addresses = run_step(self._boot, "blsfab.Communicator construction (rings)", build,
+                                 self.timeout)
+
+            # Step 3: connect and warm every connection; report the outcome.
+            # The warm-up waits on peers, so it shares the step's deadline.
+            deadline = time.monotonic() + self.timeout
+
+            def connect() -> bytes:
+                engine.default_timeout = self.timeout
+                oversubscribed = self._ranks_on_host > (os.cpu_count() or 1)
+                engine.set_spin_polls(SPIN_POLLS_OVERSUBSCRIBED if oversubscribed
+                                      else SPIN_POLLS)
+                if chain_threshold is not None:
+                    engine.set_inject_limit(chain_threshold + _core.SLOT_OVERHEAD)
+                engine.connect(addresses)
+                # Leave the step a moment to hear why a silent peer is silent.
+                engine.greet(max(deadline - time.monotonic() - GREET_RESERVE * self.timeout,
+                                 0.001))
+                return b""
+
+            run_step(self._boot, "blsfab.Communicator construction (connections)", connect,
+                     self.timeout, engine.make_progress, deadline)
         except BaseException:
-            engine.close()
+            if engine is not None:
+                engine.close()
             raise
+        if os.environ.get("BLSFAB_MALLOC_TUNING", "1") != "0":
+            _core.tune_malloc(max(256 << 20, 4 * self.size * self.slot_bytes))
         if progress == "thread":
             engine.start_progress_thread()
         self._engine = engine
         self.provider = name
-        self.slot_bytes = slot_bytes
 
-    def _agree_on_provider(self, requested: Optional[str]) -> str:
-        usable = providers()
-        hosts = self._boot.allgather(hostname())
+    def _agree_on_provider(self, hellos: List[dict]) -> str:
+        hosts = [h["host"] for h in hellos]
         same_host = len(set(hosts)) == 1
         self._ranks_on_host = hosts.count(hosts[self.rank])
-        try:
-            mine, problem = _provider.select(requested, usable, same_host), None
-        except ValueError as exc:
-            mine, problem = None, str(exc)
-        # Gather before raising, so every rank raises rather than some hanging.
-        choices = self._boot.allgather((mine, problem))
-        problems = [f"rank {r}: {p}" for r, (_, p) in enumerate(choices) if p]
+        choices, problems = [], []
+        for r, h in enumerate(hellos):
+            # select() is a pure function, so every rank computes every rank's choice.
+            try:
+                choices.append(_provider.select(h["requested"], h["usable"], same_host,
+                                                {"FI_PROVIDER": h["env"] or ""}))
+            except ValueError as exc:
+                problems.append(f"rank {r}: {exc}")
         if problems:
             raise ValueError("; ".join(problems))
-        return _provider.check_agreement([c for c, _ in choices])
+        return _provider.check_agreement(choices)
 
     # ---- the collective ---------------------------------------------------
 
@@ -199,13 +252,18 @@ class Communicator:
     # ---- lifetime -----------------------------------------------------------
 
     def close(self) -> None:
-        """Wait, progressing, until every rank arrives here, then release the
-        fabric. Idempotent."""
+        """Wait, progressing, until every rank arrives here (at most ``timeout``;
+        then blsfab.TimeoutError names the ranks that did not), then release
+        the fabric either way. Idempotent."""
         engine = self._engine
         if engine is None or engine.closed:
             return
         try:
             self._boot.barrier(engine.progress_for_teardown, self.timeout)
+        except TimeoutError as exc:
+            raise TimeoutError(f"rank {self.rank}: close(): ranks {exc.ranks} did not reach "
+                               f"close() within timeout={self.timeout:g} s; this rank's fabric "
+                               "is released anyway", ranks=exc.ranks) from None
         finally:
             engine.close()
 
@@ -253,17 +311,55 @@ class Chain:
             comm._chain = None
 
 
-def _make_bootstrap(mpi_comm, store, rank, size, bootstrap):
+def _make_bootstrap(mpi_comm, store, rank, size, bootstrap, timeout):
     if bootstrap is not None:
         return bootstrap
     if store is not None:
         if rank is None or size is None:
             raise ValueError("a store bootstrap needs rank= and size= as well")
         from .store_bootstrap import StoreBootstrap
-        return StoreBootstrap(store, rank, size)
+        return StoreBootstrap(store, rank, size, timeout=timeout)
     if rank is not None or size is not None:
         raise ValueError("rank= and size= go with store=; under MPI they come from mpi_comm")
-    return MPIBootstrap(mpi_comm)
+    return MPIBootstrap(mpi_comm, timeout)
+
+
+def _geometry(bound, slot_bytes, ring_slots, chain_threshold, progress) -> dict:
+    """Check the arguments; return what every rank must agree on."""
+    bound = _check_int("bound", bound, 0)
+    slot_bytes = _check_int("slot_bytes", slot_bytes, _core.SLOT_OVERHEAD + 8)
+    if ring_slots is None:
+        ring_slots = ring_slots_for(bound)
+    ring_slots = _check_int("ring_slots", ring_slots, 1)
+    if ring_slots > _core.BLS_MAX_RING_SLOTS_PY:
+        raise ValueError(f"ring_slots={ring_slots} (2*bound + 2 by default) exceeds "
+                         f"{_core.BLS_MAX_RING_SLOTS_PY}; lower bound=")
+    if chain_threshold is not None:
+        _check_int("chain_threshold", chain_threshold, 0)
+    if progress not in ("poll", "thread"):
+        raise ValueError(f"progress={progress!r}: use 'poll' (progress inside calls) or "
+                         "'thread' (a background thread polls between calls)")
+    # Remote ring addresses are computed from these, so they must match
+    # everywhere; progress mode and chain_threshold are local choices.
+    return {"slot_bytes": (slot_bytes + 7) // 8 * 8, "ring_slots": ring_slots, "bound": bound,
+            "max_chain": MAX_CHAIN, "slot_overhead": _core.SLOT_OVERHEAD}
+
+
+def _read_hello(payload: bytes, rank: int) -> dict:
+    """A peer's step-1 message, checked field by field (it is untrusted)."""
+    try:
+        hello = json.loads(payload.decode())
+        ok = (isinstance(hello, dict) and isinstance(hello.get("host"), str)
+              and isinstance(hello.get("usable"), list)
+              and all(isinstance(u, str) for u in hello["usable"])
+              and all(isinstance(hello.get(k), (str, type(None))) for k in ("requested", "env"))
+              and isinstance(hello.get("geometry"), dict)
+              and all(isinstance(v, int) for v in hello["geometry"].values()))
+    except (UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"rank {rank} sent a malformed construction message {payload[:60]!r}")
+    return hello
 
 
 def _check_int(name: str, value, minimum: int) -> int:

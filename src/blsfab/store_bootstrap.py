@@ -11,8 +11,12 @@ Two rules shape it:
   each rank deletes its own key of call ``n - 1`` once call ``n`` is complete
   (by then every rank has written its key of call ``n``, so every rank has
   finished reading call ``n - 1``).
-* Fabric progress is manual, so ``barrier`` never blocks inside the store: it
-  polls with ``store.check`` between calls to ``progress()``.
+* Fabric progress is manual and a peer may be gone, so no call blocks inside
+  the store: each polls with ``store.check`` between calls to ``progress()``
+  until its deadline, and only then reads the keys that exist.
+* Values are ``bytes`` in a fixed envelope (see blsfab.bootstrap). Nothing
+  read from the store is unpickled: a TCPStore has no authentication, so its
+  values are untrusted; a malformed one raises ValueError naming its key.
 
 Several bootstraps may share one store: the n-th StoreBootstrap a rank creates
 on a store uses the key space ``<prefix>/<n>/``. The counter is per rank
@@ -22,11 +26,11 @@ agree on it, even with fresh store client objects.
 
 from __future__ import annotations
 
-import pickle
 import time
 from datetime import timedelta
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
+from .bootstrap import PollLoop, seal, unseal
 from .errors import TimeoutError
 
 # Seconds between two store queries while polling. Store queries are network
@@ -89,14 +93,14 @@ class StoreBootstrap:
         keep the fabric progressing meanwhile."""
         keys = list(keys)
         ranks = list(range(len(keys))) if ranks is None else list(ranks)
-        deadline = time.monotonic() + timeout
+        loop = PollLoop(timeout, progress, POLL_INTERVAL)
         next_check = 0.0
         while True:
             now = time.monotonic()
             if now >= next_check:
                 if self.store.check(keys):
                     return
-                if now > deadline:
+                if now > loop.deadline:
                     missing = [r for r, k in zip(ranks, keys) if not self.store.check([k])]
                     if not missing:
                         return
@@ -104,10 +108,7 @@ class StoreBootstrap:
                         f"rank {self.rank}: {what} not reached by ranks {missing} within "
                         f"{timeout:g} s (store bootstrap)", ranks=missing)
                 next_check = now + POLL_INTERVAL
-            if progress is None:
-                time.sleep(POLL_INTERVAL)
-            elif progress() == 0:
-                time.sleep(0)
+            loop.pause()
 
     def _retire(self, new_keys: List[str]) -> None:
         """Delete our keys of the previous call; remember this call's."""
@@ -120,16 +121,24 @@ class StoreBootstrap:
 
     # ---- the bootstrap interface -----------------------------------------------
 
-    def allgather(self, obj: Any) -> List[Any]:
-        """Every rank's ``obj`` (picklable), in rank order."""
+    def allgather(self, payload: bytes, progress: Optional[Callable[[], int]] = None,
+                  timeout: Optional[float] = None) -> List[bytes]:
+        """Every rank's ``payload`` (bytes), in rank order."""
         self._seq += 1
         keys = self._keys("allgather", self._seq)
-        self.store.set(keys[self.rank], pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-        self._await_keys(keys, f"allgather #{self._seq}", self.timeout)
+        self.store.set(keys[self.rank], seal(payload))
+        self._await_keys(keys, f"allgather #{self._seq}",
+                         self.timeout if timeout is None else timeout, progress)
         multi_get = getattr(self.store, "multi_get", None)
         values = multi_get(keys) if multi_get is not None else [self.store.get(k) for k in keys]
         self._retire([keys[self.rank]])
-        return [pickle.loads(bytes(v)) for v in values]
+        return [unseal(v, f"store key {k!r} (rank {r})")
+                for r, (k, v) in enumerate(zip(keys, values))]
+
+    def post_ahead(self, payload: bytes) -> None:
+        """Write our value of the next allgather now, without waiting: ranks
+        that finished this call and wait in the next one then read it."""
+        self.store.set(self._keys("allgather", self._seq + 1)[self.rank], seal(payload))
 
     def barrier(self, progress: Callable[[], int], timeout: float) -> None:
         """Wait for every rank while calling ``progress()``; never blocks in the store.

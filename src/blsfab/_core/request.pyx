@@ -1,5 +1,75 @@
 # Request: one iteration of alltoallv, from validation to its received data.
 
+cdef extern from "Python.h":
+    long long PyLong_AsLongLongAndOverflow(object obj, int* overflow) except? -1
+
+
+cdef int64_t count_at(object sendcounts, Py_ssize_t j, object value) except? -1:
+    """sendcounts[j] as an int64: a Python int (not bool) or a numpy integer;
+    floats, strings and the rest are TypeError, values past int64 ValueError."""
+    cdef int overflow = 0
+    cdef long long v
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"sendcounts[{j}] = {value!r} is a {type(value).__name__}; counts "
+                            "must be integers (Python int or a numpy integer array)")
+        value = int(value)
+    v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow:
+        raise ValueError(f"sendcounts[{j}] = {value} is out of range (0 to 2**63 - 1)")
+    return v
+
+
+cdef cnp.ndarray int64_counts(object counts):
+    """A contiguous int64 copy of an integer count vector, or the error."""
+    if counts.dtype.kind not in "iu":
+        raise TypeError(f"sendcounts has dtype {counts.dtype}; counts must be integers "
+                        "(an integer numpy array or a list of int)")
+    if counts.ndim != 1:
+        raise ValueError(f"sendcounts has shape {counts.shape}; it must be 1-D")
+    if counts.dtype.kind == "u" and counts.dtype.itemsize == 8:
+        big = np.flatnonzero(counts > np.uint64(2**63 - 1))
+        if big.size:
+            raise ValueError(f"sendcounts[{big[0]}] = {counts[big[0]]} is out of range "
+                             "(0 to 2**63 - 1)")
+    return np.ascontiguousarray(counts, dtype=np.int64)
+
+
+cdef int read_counts(object sendcounts, int size, int64_t* out, int64_t max_count,
+                     size_t itemsize, size_t slot_bytes) except -1:
+    """Copy ``size`` validated counts into ``out``: each integral and in
+    [0, max_count]. The common cases (a list of ints, an int64 array) take
+    no per-element Python call beyond the list read."""
+    cdef Py_ssize_t j
+    cdef int64_t c
+    cdef cnp.ndarray arr
+    cdef const int64_t* data
+    if cnp.PyArray_Check(sendcounts):
+        arr = <cnp.ndarray>sendcounts
+        if not (cnp.PyArray_TYPE(arr) == cnp.NPY_INT64 and cnp.PyArray_NDIM(arr) == 1
+                and cnp.PyArray_ISCARRAY_RO(arr)):
+            arr = int64_counts(arr)   # anything but a plain int64 vector: check, convert
+        data = <const int64_t*>cnp.PyArray_DATA(arr)
+        for j in range(size):
+            out[j] = data[j]
+    elif type(sendcounts) is list:
+        for j in range(size):
+            out[j] = count_at(sendcounts, j, (<list>sendcounts)[j])
+    else:
+        for j in range(size):
+            out[j] = count_at(sendcounts, j, sendcounts[j])
+    for j in range(size):
+        c = out[j]
+        if c < 0:
+            raise ValueError(f"sendcounts[{j}] = {c} is negative")
+        if c > max_count:
+            nbytes = c * <object>itemsize   # Python arithmetic: never wraps
+            raise ValueError(
+                f"sendcounts[{j}] = {c}: the message to rank {j} is {nbytes} bytes but "
+                f"slot_bytes={slot_bytes} holds at most {slot_bytes - SLOT_OVERHEAD}; "
+                f"create the Communicator with slot_bytes >= {nbytes + SLOT_OVERHEAD}")
+    return 0
+
 
 cdef class Request:
     """The handle of one nonblocking alltoallv iteration.
@@ -36,11 +106,9 @@ cdef class Request:
         cdef BufferView view
         cdef int size = engine.size
         cdef int j
-        cdef int64_t c, total = 0, nbytes, largest = 0
-        cdef int64_t largest_rank = 0
+        cdef int64_t total = 0
         cdef Py_ssize_t nsend
         cdef int typenum
-        cdef list as_list = None
         self.dtype = describe_buffer(sendbuf, &view)
         try:
             nsend = len(sendcounts)
@@ -52,26 +120,18 @@ cdef class Request:
         self.counts_displs = <int64_t*>malloc(2 * size * sizeof(int64_t))
         if self.counts_displs == NULL:
             raise MemoryError()
-        if type(sendcounts) is list:
-            as_list = <list>sendcounts  # indexed without a Python call
+        # Every count is checked before anything is sent: integral, in
+        # [0, slot payload / itemsize]. That bound keeps c * itemsize and the
+        # running total far from int64 overflow (size <= BLS_MAX_RANKS).
+        read_counts(sendcounts, size, self.counts_displs,
+                    <int64_t>((engine.slot_bytes - SLOT_OVERHEAD) // view.itemsize),
+                    view.itemsize, engine.slot_bytes)
         for j in range(size):
-            c = as_list[j] if as_list is not None else sendcounts[j]
-            if c < 0:
-                raise ValueError(f"sendcounts[{j}] = {c} is negative")
-            self.counts_displs[j] = c
             self.counts_displs[size + j] = total
-            total += c
-            if c > largest:
-                largest, largest_rank = c, j
+            total += self.counts_displs[j]
         if total > view.nelems:
             raise ValueError(f"sendcounts sum to {total} elements but sendbuf holds only "
                              f"{view.nelems}")
-        nbytes = largest * view.itemsize
-        if nbytes > <int64_t>(engine.slot_bytes - SLOT_OVERHEAD):
-            raise ValueError(
-                f"the message to rank {largest_rank} is {nbytes} bytes but slot_bytes="
-                f"{engine.slot_bytes} holds at most {engine.slot_bytes - SLOT_OVERHEAD}; "
-                f"create the Communicator with slot_bytes >= {nbytes + SLOT_OVERHEAD}")
         # Only this touches engine state, so only this holds the engine's lock
         # (no Python allocation under it: a collected Request would relock).
         engine.lock()
