@@ -1,5 +1,6 @@
 """Shared pieces of the worker scripts that tests run under mpirun."""
 
+import os
 import sys
 
 import numpy as np
@@ -31,3 +32,33 @@ def reference_alltoallv(sendbuf, sendcounts, comm=world):
     out = np.empty(int(rcounts.sum()), dtype=np.uint8)
     comm.Alltoallv([raw, (scounts, sdispl), MPI.BYTE], [out, (rcounts, rdispl), MPI.BYTE])
     return out, (rcounts // item).tolist()
+
+
+# How workers take delivery, so every receive path runs the same checks:
+# BLSFAB_TEST_RECEIVE=plain (wait()), out (wait(out=...)).
+RECEIVE = os.environ.get("BLSFAB_TEST_RECEIVE", "plain")
+
+
+def receive(req, nelems, like):
+    """The data of ``req`` (``nelems`` elements of ``like``'s kind and dtype),
+    taken the way BLSFAB_TEST_RECEIVE says; always a buffer the caller owns."""
+    if RECEIVE == "plain":
+        return req.wait()
+    if RECEIVE == "out":
+        if isinstance(like, np.ndarray):
+            buf = np.full(nelems, 0x5A, dtype=like.dtype)
+        else:
+            import torch
+            buf = torch.full((nelems,), 90, dtype=like.dtype)
+        got = req.wait(out=buf)
+        expect(got is buf, "wait(out=buf) did not return buf")
+        return buf
+    fail(f"unknown BLSFAB_TEST_RECEIVE={RECEIVE!r}")
+
+
+def scribble(buf):
+    """Overwrite a send buffer whose request completed: nothing received may change."""
+    if isinstance(buf, np.ndarray):
+        buf.view(np.uint8)[:] = 0xEE
+    else:
+        buf.view(-1).zero_().add_(-7) if buf.dtype.is_floating_point or buf.dtype.is_signed else buf.zero_()

@@ -86,6 +86,10 @@ cdef struct IterState:
     uint32_t* held          # per source: ring position + 1 if data is in place
     uint8_t* have
     char* result            # assembled in rank order at completion (large iterations)
+    int borrowed_src        # source whose data points into the caller's sendbuf (self), or -1
+    char* out               # the caller's receive buffer (wait(out=)), or NULL
+    size_t out_bytes
+    bint filled_out         # assembled into ``out`` at completion
 
 cdef struct SendItem:
     const char* data
@@ -118,6 +122,7 @@ cdef IterState* iter_state_new(int64_t iteration, int nranks) noexcept nogil:
         return NULL
     st.iteration = iteration
     st.nranks = nranks
+    st.borrowed_src = -1
     st.nbytes = <size_t*>(<char*>st + sizeof(IterState))
     st.data = <char**>(<char*>st.nbytes + nranks * sizeof(size_t))
     st.held = <uint32_t*>(<char*>st.data + nranks * sizeof(char*))
@@ -129,7 +134,7 @@ cdef void iter_state_free(IterState* st) noexcept nogil:
     """Free the state and its pieces (never data held in a ring)."""
     cdef int i
     for i in range(st.nranks):
-        if not st.held[i]:
+        if not st.held[i] and i != st.borrowed_src:
             free(st.data[i])
     free(st.result)
     free(st)
@@ -476,7 +481,7 @@ cdef class RingEngine:
         """Record ``src``'s message: in place if marked held, else as a copy."""
         if st.have[src]:
             return self.fail(RC_PROTOCOL, 0, NULL, src, 5, st.iteration)
-        if st.held[src]:
+        if st.held[src] or src == st.borrowed_src:
             st.data[src] = <char*>payload
         elif n:
             st.data[src] = <char*>malloc(n)
@@ -494,28 +499,39 @@ cdef class RingEngine:
         return RC_OK
 
     cdef int complete(self, IterState* st) noexcept nogil:
-        """All messages are in: assemble large iterations now (freeing the
-        ring slots read in place) and hand the state to its Request."""
+        """All messages are in: assemble into the caller's buffer if wait(out=)
+        gave one that fits, else assemble large iterations into a new one
+        (freeing the ring slots read in place); hand the state to its Request."""
         cdef int s
         cdef size_t offset = 0
         cdef bint in_place = False
+        cdef char* dest
         for s in range(st.nranks):
             in_place = in_place or st.held[s] != 0
-        if in_place or st.total >= IN_PLACE_BYTES:
+        if st.out != NULL and st.out_bytes == st.total:
+            dest = st.out
+            st.filled_out = True
+        elif in_place or st.total >= IN_PLACE_BYTES:
             st.result = <char*>malloc(st.total if st.total else 1)
             if st.result == NULL:
                 return self.fail(RC_NOMEM, 0, NULL, -1, 0, st.iteration)
+            dest = st.result
+        else:
+            dest = NULL  # small: the Request assembles it
+        if dest != NULL:
             for s in range(st.nranks):
                 if st.nbytes[s]:
-                    memcpy(st.result + offset, st.data[s], st.nbytes[s])
+                    memcpy(dest + offset, st.data[s], st.nbytes[s])
                     offset += st.nbytes[s]
                 if st.held[s]:
                     self.peers[s].rx_holds[st.held[s] - 1] -= 1
                     st.held[s] = 0
                     self.release_slots(s)
-                else:
+                elif s != st.borrowed_src:
                     free(st.data[s])
                 st.data[s] = NULL
+            st.borrowed_src = -1
+        st.out = NULL
         self.window[st.iteration & self.window_mask] = NULL
         st.detached = True
         if st.orphaned:
@@ -666,6 +682,9 @@ cdef class RingEngine:
         cdef Peer* p
         for k in range(m):
             items[k].state.posted = True
+            # The self part stays in the sendbuf until the result is assembled:
+            # one copy, straight into the result (the MPI send-buffer rule).
+            items[k].state.borrowed_src = self.rank
             n = items[k].counts[self.rank] * items[k].itemsize
             rc = self.deliver(items[k].state, self.rank,
                               items[k].data + items[k].displs[self.rank] * items[k].itemsize, n)

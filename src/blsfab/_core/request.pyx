@@ -6,7 +6,13 @@ cdef class Request:
 
     ``test()`` makes progress and reports completion; ``wait()`` returns the
     received data, the messages of all ranks concatenated in rank order, as
-    the same kind of buffer (numpy array or CPU tensor) and dtype that was sent.
+    the same kind of buffer (numpy array or CPU tensor) and dtype that was sent;
+    ``wait(out=buf)`` writes it into ``buf`` instead.
+
+    Send-buffer rule, as in MPI: the send buffer must stay unchanged until the
+    request completes (its own part is copied straight from it into the
+    result). Once the request is complete, changing it changes nothing anyone
+    received.
     """
 
     cdef RingEngine engine
@@ -17,6 +23,7 @@ cdef class Request:
     cdef int typenum            # builtin numpy type number, or -1
     cdef size_t itemsize
     cdef object result
+    cdef object out_ref         # the buffer of wait(out=) while the engine may write it
     cdef list _recvcounts
     # send side, held from prepare() until the iteration is posted
     cdef SendItem item
@@ -99,8 +106,8 @@ cdef class Request:
         return self
 
     cdef void release_send(self):
-        """Forget the send buffer once its data is copied out."""
-        self.sendbuf = None
+        """Drop the counts once posted. The send buffer stays referenced until
+        the result is assembled: this rank's own part is read from it then."""
         free(self.counts_displs)
         self.counts_displs = NULL
         self.item.counts = NULL
@@ -108,43 +115,72 @@ cdef class Request:
 
     def __dealloc__(self):
         free(self.counts_displs)
-        if self.state != NULL:
+        cdef IterState* st = self.state
+        cdef int src
+        cdef char* piece
+        if st != NULL:
             if self.engine is not None:
                 self.engine.lock()
-            if self.state.detached:
-                iter_state_free(self.state)
+            if st.detached:
+                iter_state_free(st)
             else:
-                self.state.orphaned = True  # the engine frees it on completion
+                st.out = NULL
+                src = st.borrowed_src
+                if src >= 0 and st.have[src] and st.nbytes[src]:
+                    # The send buffer dies with us; keep what the engine may still read.
+                    piece = <char*>malloc(st.nbytes[src])
+                    if piece != NULL:
+                        memcpy(piece, st.data[src], st.nbytes[src])
+                    st.data[src] = piece
+                st.borrowed_src = -1
+                st.orphaned = True  # the engine frees it on completion
             if self.engine is not None:
                 self.engine.unlock()
             self.state = NULL
 
-    cdef int finish(self) except -1:
-        """Build the result from the per-source pieces and free them."""
+    cdef int finish(self, object out=None) except -1:
+        """Build the result from the per-source pieces, into ``out`` when given
+        (validated by the caller), and free them."""
         cdef IterState* st = self.state
-        cdef char* out = NULL
+        cdef char* dest = NULL
         cdef size_t offset = 0
         cdef int s
+        cdef BufferView view
         for s in range(st.nranks):
             if st.nbytes[s] % self.itemsize:
                 raise ValueError(
                     f"iteration {self.iteration}: rank {s} sent {st.nbytes[s]} bytes, not a "
                     f"multiple of this rank's item size {self.itemsize}; all ranks must send "
                     "the same dtype")
-        if st.result != NULL:
+        if out is not None:
+            describe_output(out, self.is_torch, self.dtype, &view)
+            if <size_t>view.nelems * view.itemsize != st.total:
+                out = None  # still complete the request; report the mismatch below
+        if st.filled_out:
+            result = out  # assembled there by the engine at completion
+        elif st.result != NULL and out is not None:
+            # Assembled before ``out`` was known (completed inside test()).
+            memcpy(view.data, st.result, st.total)
+            result = out
+        elif st.result != NULL:
             # Assembled by the engine at completion: adopt it, no copy.
             result = adopt_buffer(self.is_torch, self.dtype, self.typenum, st.result, st.total,
                                   self.itemsize)
             st.result = NULL
         else:
-            result = allocate_like(self.is_torch, self.dtype, self.typenum,
-                                   st.total // self.itemsize, &out)
+            if out is not None:
+                dest, result = view.data, out
+            else:
+                result = allocate_like(self.is_torch, self.dtype, self.typenum,
+                                       st.total // self.itemsize, &dest)
             for s in range(st.nranks):
                 if st.nbytes[s]:
-                    memcpy(out + offset, st.data[s], st.nbytes[s])
+                    memcpy(dest + offset, st.data[s], st.nbytes[s])
                     offset += st.nbytes[s]
         self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
         self.result = result
+        self.sendbuf = None
+        self.out_ref = None
         iter_state_free(st)
         self.state = NULL
         return 0
@@ -175,16 +211,64 @@ cdef class Request:
         self.finish()
         return True
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, out=None):
         """Progress until complete and return the received data. Raises
         blsfab.TimeoutError naming the ranks not heard from after ``timeout``
-        seconds (default: the communicator's timeout)."""
+        seconds (default: the communicator's timeout).
+
+        ``out``: a C-contiguous, writable array (or CPU tensor) of the sent
+        kind and dtype, holding exactly the elements that arrive; the data is
+        assembled straight into it, and ``out`` is returned. A wrong size
+        raises ValueError (the request still completes: ``wait()`` then
+        returns the data as a new buffer)."""
         cdef int rc
         cdef double deadline
         cdef double limit
+        cdef BufferView view
+        if out is not None:
+            describe_output(out, self.is_torch, self.dtype, &view)
         if self.result is not None:
-            return self.result
+            if out is None or out is self.result:
+                return self.result
+            return self._copy_result_into(out, view)
         self.check_usable()
+        if out is not None:
+            # Let the engine assemble into ``out`` when the last message lands.
+            self.out_ref = out
+            self.engine.lock()
+            if not self.state.detached:
+                self.state.out = view.data
+                self.state.out_bytes = <size_t>view.nelems * view.itemsize
+            self.engine.unlock()
+        try:
+            self._wait_detached(timeout)
+        finally:
+            if self.state != NULL and self.out_ref is not None:
+                self.engine.lock()
+                self.state.out = NULL  # never written after we return
+                self.engine.unlock()
+        self.finish(out)
+        if out is not None and self.result is not out:
+            self._raise_out_size(view)
+        return self.result
+
+    cdef object _copy_result_into(self, object out, BufferView view):
+        cdef BufferView have
+        describe_output(self.result, self.is_torch, self.dtype, &have)
+        if view.nelems != have.nelems:
+            self._raise_out_size(view)
+        memcpy(view.data, have.data, <size_t>have.nelems * have.itemsize)
+        return out
+
+    cdef int _raise_out_size(self, BufferView view) except -1:
+        raise ValueError(f"out holds {view.nelems} elements but iteration {self.iteration} "
+                         f"received {sum(self._recvcounts)} (recvcounts {self._recvcounts}); "
+                         "the request is complete: wait() returns the data")
+
+    cdef int _wait_detached(self, timeout) except -1:
+        cdef int rc
+        cdef double deadline
+        cdef double limit
         if not self.is_detached():
             self.engine._check_open()
             limit = self.engine.default_timeout if timeout is None else timeout
@@ -201,8 +285,7 @@ cdef class Request:
                     iteration=self.iteration, ranks=missing)
             self.engine._raise(rc, self.iteration)
             self.check_usable()
-        self.finish()
-        return self.result
+        return 0
 
     cdef bint is_detached(self):
         cdef bint done
