@@ -144,7 +144,8 @@ class Communicator:
     def ialltoallv(self, sendbuf, sendcounts: Sequence[int]) -> Request:
         """Post one iteration: ``sendcounts[j]`` elements of ``sendbuf`` go to rank j,
         in rank order. Returns once every peer has posted iteration - bound.
-        ``sendbuf`` may be reused as soon as this returns (outside a chain)."""
+        Send-buffer rule, as in MPI: ``sendbuf`` must stay unchanged until the
+        request completes (``wait()`` returned or ``test()`` gave True)."""
         if self._chain is None:
             return self._engine.ialltoallv(sendbuf, sendcounts, self.bound, self.timeout)
         req = self._engine.prepare(sendbuf, sendcounts)
@@ -163,7 +164,7 @@ class Communicator:
         the block ends: their messages to each peer travel packed in one write
         (split over several slots only when they exceed ``slot_bytes``). Each
         Request still completes and returns its own data. Send buffers must
-        stay unchanged until the block ends. If the block raises, the calls
+        stay unchanged until their requests complete. If the block raises, the calls
         issued before the exception are still posted, so every Request stays
         valid. Nested chains join the outer one."""
         self.engine  # raise now if closed
