@@ -5,7 +5,12 @@
  * its arrival is how the receiver learns that the sender has posted the iteration.
  * Messages travel in fixed-size slots. A slot holds a slot header followed by
  * one or more records (several when iterations are chained), each a record
- * header and a payload padded to BLS_ALIGN bytes.
+ * header and a payload padded to BLS_ALIGN bytes. One write carries a slot
+ * and its notification (fi_inject_writedata for small slots, fi_writemsg
+ * with FI_REMOTE_CQ_DATA otherwise).
+ *
+ * Peers exchange an address blob at set-up (bls_address_header_t below).
+ * Everything here is written by a peer, so the receiver checks every field.
  */
 #ifndef BLSFAB_WIRE_H
 #define BLSFAB_WIRE_H
@@ -66,8 +71,24 @@ typedef struct {
 } bls_slot_header_t;
 
 typedef struct {
-    uint64_t nbytes;          /* payload bytes that follow, before padding */
+    uint64_t word;            /* payload bytes that follow, before padding (low 48
+                                 bits), and the element type (high 16 bits) */
 } bls_record_header_t;
+
+#define BLS_RECORD_NBYTES_BITS 48
+#define BLS_RECORD_MAX_NBYTES ((UINT64_C(1) << BLS_RECORD_NBYTES_BITS) - 1)
+
+static inline uint64_t bls_record_pack(uint64_t nbytes, uint16_t dtype)
+{
+    return (nbytes & BLS_RECORD_MAX_NBYTES) | ((uint64_t)dtype << BLS_RECORD_NBYTES_BITS);
+}
+static inline uint64_t bls_record_nbytes(uint64_t word) { return word & BLS_RECORD_MAX_NBYTES; }
+static inline uint16_t bls_record_dtype(uint64_t word) { return (uint16_t)(word >> BLS_RECORD_NBYTES_BITS); }
+
+/* Element type codes: (kind << 8) | itemsize, kind one of 'f' float, 'i' signed,
+ * 'u' unsigned, 'c' complex, 'b' bool, 'B' bfloat16, 'V' anything else
+ * (itemsize 0 when it exceeds 255). A numpy array and a torch tensor of the
+ * same element type have the same code. */
 
 static inline size_t bls_align(size_t n) { return (n + (BLS_ALIGN - 1)) & ~(size_t)(BLS_ALIGN - 1); }
 
@@ -76,5 +97,37 @@ static inline size_t bls_single_record_bytes(size_t n)
 {
     return sizeof(bls_slot_header_t) + sizeof(bls_record_header_t) + bls_align(n);
 }
+
+/* ---- address blob ---------------------------------------------------------- *
+ * RingEngine.local_address() returns this, in the host's byte order (a peer of
+ * another byte order fails the magic check):
+ *   bls_address_header_t
+ *   name_bytes of endpoint name, zero-padded to a multiple of 8
+ *   size entries of bls_ring_address_t: entry s says where rank s writes
+ *     (its ring in this rank's memory, with that ring's own key); entry
+ *     `rank` is zero.
+ * Geometry travels too, so ranks that disagree fail at connect().
+ */
+#define BLS_ADDRESS_MAGIC 0x41534c42u /* "BLSA" */
+#define BLS_ADDRESS_VERSION 1u
+#define BLS_MAX_NAME_BYTES 256u
+
+typedef struct {
+    uint32_t magic;           /* BLS_ADDRESS_MAGIC */
+    uint16_t version;         /* BLS_ADDRESS_VERSION */
+    uint16_t header_bytes;    /* sizeof(bls_address_header_t) */
+    uint32_t rank;
+    uint32_t size;
+    uint64_t slot_bytes;
+    uint32_t ring_slots;
+    uint32_t name_bytes;      /* 1..BLS_MAX_NAME_BYTES */
+    uint64_t ring_bytes;      /* bytes each ring region holds: slots, then the
+                                 tail word that bare notifications target */
+} bls_address_header_t;
+
+typedef struct {
+    uint64_t addr;            /* the ring: a virtual address, or 0 (offsets) */
+    uint64_t key;
+} bls_ring_address_t;
 
 #endif /* BLSFAB_WIRE_H */

@@ -19,6 +19,7 @@ cdef extern from "<rdma/fabric.h>" nogil:
     uint64_t FI_SELECTIVE_COMPLETION
     int FI_MR_LOCAL, FI_MR_VIRT_ADDR, FI_MR_ALLOCATED, FI_MR_PROV_KEY
     int FI_MR_ENDPOINT, FI_MR_RAW
+    uint32_t FI_ADDR_STR
 
     enum fi_ep_type:
         FI_EP_RDM
@@ -86,6 +87,8 @@ cdef extern from "<rdma/fabric.h>" nogil:
         fi_info* next
         uint64_t caps
         uint64_t mode
+        uint32_t addr_format
+        size_t src_addrlen
         fi_tx_attr* tx_attr
         fi_rx_attr* rx_attr
         fi_ep_attr* ep_attr
@@ -104,7 +107,7 @@ cdef extern from "<rdma/fabric.h>" nogil:
 
 
 cdef extern from "<rdma/fi_errno.h>" nogil:
-    int FI_EAGAIN, FI_EAVAIL, FI_ENODATA, FI_ETIMEDOUT
+    int FI_EAGAIN, FI_EAVAIL, FI_ENODATA, FI_ETIMEDOUT, FI_ENOKEY
 
 
 cdef extern from "<rdma/fi_domain.h>" nogil:

@@ -106,6 +106,45 @@ cdef int describe_output(object out, bint is_torch, object dtype, BufferView* vi
                     f"{type(out).__module__}.{type(out).__qualname__}")
 
 
+cdef dict _dtype_codes = {}
+_DTYPE_KINDS = {"f": "float", "i": "int", "u": "uint", "c": "complex"}
+
+
+cdef uint16_t dtype_code(object dtype, bint is_torch) except? 0xffff:
+    """The wire's name for an element type (wire.h): (kind << 8) | itemsize.
+    A numpy dtype and a torch dtype of the same type share a code."""
+    cdef object code = _dtype_codes.get(dtype)
+    if code is not None:
+        return code
+    size = dtype.itemsize
+    if is_torch:
+        if dtype.is_complex:
+            kind = "c"
+        elif dtype.is_floating_point:
+            kind = "B" if str(dtype) == "torch.bfloat16" else "f"
+        elif str(dtype) == "torch.bool":
+            kind = "b"
+        else:
+            kind = "u" if str(dtype).startswith("torch.uint") else "i"
+    else:
+        kind = dtype.kind if dtype.kind in "fiucb" else "V"
+    code = (ord(kind) << 8) | (size if size < 256 else 0)
+    _dtype_codes[dtype] = code
+    return code
+
+
+def dtype_name(uint16_t code):
+    """A readable name for a wire dtype code, e.g. float32."""
+    kind, size = chr(code >> 8), code & 0xff
+    if kind == "b":
+        return "bool"
+    if kind == "B":
+        return "bfloat16"
+    if kind in _DTYPE_KINDS:
+        return f"{_DTYPE_KINDS[kind]}{8 * size}"
+    return f"raw {size}-byte items" if size else "raw items"
+
+
 cdef object allocate_like(bint is_torch, object dtype, int typenum, int64_t nelems,
                           char** data):
     """A new 1-D buffer of ``nelems`` elements of the sender's kind and dtype.

@@ -1,9 +1,10 @@
 # Shared imports and helpers for every included file.
 
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset, strdup
 from posix.stdlib cimport posix_memalign
+from posix.unistd cimport sysconf, _SC_PAGESIZE
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
@@ -13,7 +14,7 @@ cimport numpy as cnp
 
 import numpy as np
 
-from blsfab.errors import ClosedError, FabricError, TimeoutError as BlsTimeoutError
+from blsfab.errors import BrokenError, ClosedError, FabricError, TimeoutError as BlsTimeoutError
 
 cnp.import_array()
 
@@ -39,7 +40,25 @@ cdef extern from "blsfab/wire.h" nogil:
         uint32_t nrecords
         uint32_t magic
     ctypedef struct bls_record_header_t:
-        uint64_t nbytes
+        uint64_t word
+    ctypedef struct bls_address_header_t:
+        uint32_t magic
+        uint16_t version
+        uint16_t header_bytes
+        uint32_t rank
+        uint32_t size
+        uint64_t slot_bytes
+        uint32_t ring_slots
+        uint32_t name_bytes
+        uint64_t ring_bytes
+    ctypedef struct bls_ring_address_t:
+        uint64_t addr
+        uint64_t key
+    uint32_t BLS_ADDRESS_MAGIC, BLS_ADDRESS_VERSION, BLS_MAX_NAME_BYTES
+    uint64_t BLS_RECORD_MAX_NBYTES
+    uint64_t bls_record_pack(uint64_t nbytes, uint16_t dtype)
+    uint64_t bls_record_nbytes(uint64_t word)
+    uint16_t bls_record_dtype(uint64_t word)
     uint32_t BLS_KIND_DATA, BLS_KIND_CREDIT, BLS_IMM_WANT, BLS_SLOT_MAGIC, BLS_MAX_RANKS, BLS_MAX_RING_SLOTS
     uint32_t bls_imm_encode(uint32_t kind, uint32_t rank, uint64_t count)
     uint32_t bls_imm_kind(uint64_t imm)
@@ -71,3 +90,13 @@ cdef int check(int ret, str what, str provider) except -1:
                           provider=provider, errno=-ret, strerror=text)
     return 0
 BLS_MAX_RING_SLOTS_PY = BLS_MAX_RING_SLOTS
+
+
+cdef int close_fid(fid* f, str what, str provider) except -1:
+    """fi_close with its return code checked: a resource the provider will not
+    release is reported, not forgotten."""
+    return check(fi_close(f), f"fi_close({what})", provider)
+
+
+cdef size_t page_size():
+    return <size_t>sysconf(_SC_PAGESIZE)

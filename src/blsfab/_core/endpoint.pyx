@@ -30,12 +30,16 @@ cdef class CompletionQueue:
                 f"{detail.decode(errors='replace') if detail != NULL else '?'})")
 
     def close(self):
-        if self.cq != NULL:
-            fi_close(&self.cq.fid)
+        cdef fid_cq* cq = self.cq
+        if cq != NULL:
             self.cq = NULL
+            close_fid(&cq.fid, "cq", self.domain.provider)
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here
 
 
 cdef class AddressVector:
@@ -60,12 +64,16 @@ cdef class AddressVector:
         return 0
 
     def close(self):
-        if self.av != NULL:
-            fi_close(&self.av.fid)
+        cdef fid_av* av = self.av
+        if av != NULL:
             self.av = NULL
+            close_fid(&av.fid, "av", self.domain.provider)
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here
 
 
 cdef class Endpoint:
@@ -100,9 +108,13 @@ cdef class Endpoint:
         return PyBytes_FromStringAndSize(buf, length)
 
     def close(self):
-        if self.ep != NULL:
-            fi_close(&self.ep.fid)
+        cdef fid_ep* ep = self.ep
+        if ep != NULL:
             self.ep = NULL
+            close_fid(&ep.fid, "endpoint", self.domain.provider)
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here

@@ -13,12 +13,16 @@ cdef class Fabric:
         check(fi_fabric(info.info.fabric_attr, &self.fabric, NULL), "fi_fabric", info.provider)
 
     def close(self):
-        if self.fabric != NULL:
-            fi_close(&self.fabric.fid)
+        cdef fid_fabric* f = self.fabric
+        if f != NULL:
             self.fabric = NULL
+            close_fid(&f.fid, "fabric", self.info.provider)
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here
 
 
 cdef class Domain:
@@ -38,9 +42,13 @@ cdef class Domain:
         return self.fabric.info.provider
 
     def close(self):
-        if self.domain != NULL:
-            fi_close(&self.domain.fid)
+        cdef fid_domain* d = self.domain
+        if d != NULL:
             self.domain = NULL
+            close_fid(&d.fid, "domain", self.provider)
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here

@@ -70,6 +70,18 @@ cdef class FabricInfo:
         return sorted(n for n, bit in MR_MODE_BITS.items() if self.info.domain_attr.mr_mode & bit)
 
     @property
+    def mr_key_size(self):
+        return self.info.domain_attr.mr_key_size
+
+    @property
+    def fabric_name(self):
+        return self.info.fabric_attr.name.decode() if self.info.fabric_attr.name != NULL else ""
+
+    @property
+    def domain_name(self):
+        return self.info.domain_attr.name.decode() if self.info.domain_attr.name != NULL else ""
+
+    @property
     def cq_data_size(self):
         return self.info.domain_attr.cq_data_size
 

@@ -1,12 +1,16 @@
-# RegisteredBuffer: page-aligned memory with one memory registration.
+# RegisteredBuffer: whole pages of memory with one memory registration.
 
 
 cdef class RegisteredBuffer:
-    """``nbytes`` of page-aligned, zeroed memory registered with ``access`` rights.
+    """``nbytes`` of zeroed memory, rounded up to whole pages and page-aligned,
+    registered with ``access`` rights.
 
-    Provider-chosen keys (FI_MR_PROV_KEY) are read back after registration;
-    otherwise ``requested_key`` is used, and it must be unique in the domain.
-    With FI_MR_ENDPOINT the region is bound to the endpoint and enabled.
+    Whole pages because verbs pins registered pages and marks them
+    MADV_DONTFORK: a page shared with unrelated heap data would vanish from
+    a forked child, and its neighbours would be pinned too. Provider-chosen
+    keys (FI_MR_PROV_KEY) are read back after registration; otherwise
+    ``requested_key`` is used, and it must be unique in the domain. With
+    FI_MR_ENDPOINT the region is bound to the endpoint and enabled.
     """
 
     cdef char* base
@@ -19,11 +23,14 @@ cdef class RegisteredBuffer:
     def __cinit__(self, Domain domain not None, size_t nbytes, uint64_t access,
                   uint64_t requested_key, Endpoint endpoint=None):
         cdef void* mem = NULL
+        cdef size_t page = page_size()
         self.base = NULL
         self.mr = NULL
         self.domain = domain
-        self.nbytes = max(nbytes, 64)
-        if posix_memalign(&mem, 4096, self.nbytes) != 0:
+        if nbytes > (<size_t>-1) - page:
+            raise ValueError(f"cannot register {nbytes} bytes")
+        self.nbytes = max((nbytes + page - 1) // page * page, page)
+        if posix_memalign(&mem, page, self.nbytes) != 0:
             raise MemoryError(f"cannot allocate {self.nbytes} bytes of ring memory")
         self.base = <char*>mem
         memset(self.base, 0, self.nbytes)  # touch every page now, not in the first iteration
@@ -44,12 +51,22 @@ cdef class RegisteredBuffer:
         return <uint64_t>self.base
 
     def close(self):
-        if self.mr != NULL:
-            fi_close(&self.mr.fid)
+        """Deregister, then free. If the provider refuses to deregister, the
+        memory is deliberately leaked: the NIC may still write to it."""
+        cdef fid_mr* mr = self.mr
+        if mr != NULL:
             self.mr = NULL
+            try:
+                close_fid(&mr.fid, "mr", self.domain.provider)
+            except FabricError:
+                self.base = NULL  # leaked on purpose
+                raise
         if self.base != NULL:
             free(self.base)
             self.base = NULL
 
     def __dealloc__(self):
-        self.close()
+        try:
+            self.close()
+        except FabricError:
+            pass  # nowhere to report from here

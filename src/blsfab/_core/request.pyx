@@ -21,6 +21,8 @@ cdef class Request:
     cdef bint is_torch
     cdef object dtype
     cdef int typenum            # builtin numpy type number, or -1
+    cdef uint16_t dtype_code    # the element type as the wire names it
+    cdef bint abandoned         # its post failed before anything left
     cdef size_t itemsize
     cdef object result
     cdef object out_ref         # the buffer of wait(out=) while the engine may write it
@@ -80,14 +82,14 @@ cdef class Request:
         # Only this touches engine state, so only this holds the engine's lock
         # (no Python allocation under it: a collected Request would relock).
         engine.lock()
-        cdef int rc = engine.state_for(engine.reserved, &self.state)
+        cdef int rc = engine.state_for(engine.reserved, -1, &self.state)
         if rc == RC_OK:
             self.iteration = engine.reserved
             engine.reserved += 1
         engine.unlock()
         if rc < 0:
             self.state = NULL
-            engine._raise(rc, engine.reserved)
+            engine.check_rc(rc, engine.reserved)
         self.engine = engine
         self.is_torch = view.is_torch
         self.typenum = -1
@@ -96,14 +98,22 @@ cdef class Request:
             if typenum < cnp.NPY_OBJECT or typenum == cnp.NPY_FLOAT16:
                 self.typenum = typenum  # a plain numeric type
         self.itemsize = view.itemsize
+        self.dtype_code = dtype_code(self.dtype, view.is_torch)
         self.sendbuf = sendbuf
         self.send_bytes = total * view.itemsize
         self.item.data = view.data
         self.item.itemsize = view.itemsize
+        self.item.dtype = self.dtype_code
         self.item.counts = self.counts_displs
         self.item.displs = self.counts_displs + size
         self.item.state = self.state
         return self
+
+    cdef void abandon(self):
+        """Its post failed before anything left: the receive state stays in
+        the engine's window for the retry, and this request is void."""
+        self.state = NULL
+        self.abandoned = True
 
     cdef void release_send(self):
         """Drop the counts once posted. The send buffer stays referenced until
@@ -147,6 +157,11 @@ cdef class Request:
         cdef int s
         cdef BufferView view
         for s in range(st.nranks):
+            if st.dtype[s] != self.dtype_code:
+                raise TypeError(
+                    f"iteration {self.iteration}: rank {s} sent {dtype_name(st.dtype[s])} data "
+                    f"but this rank uses {dtype_name(self.dtype_code)} (dtype {self.dtype}); "
+                    "every rank must send the same dtype")
             if st.nbytes[s] % self.itemsize:
                 raise ValueError(
                     f"iteration {self.iteration}: rank {s} sent {st.nbytes[s]} bytes, not a "
@@ -189,6 +204,9 @@ cdef class Request:
         if self.result is not None:
             return 0
         if self.state == NULL:
+            if self.abandoned:
+                raise RuntimeError(f"iteration {self.iteration} was never posted: its post "
+                                   "failed before anything was sent; issue it again")
             raise RuntimeError("this request was never set up")
         if self.state.closed:
             raise ClosedError(f"the communicator was closed before iteration "
@@ -270,20 +288,14 @@ cdef class Request:
         cdef double deadline
         cdef double limit
         if not self.is_detached():
-            self.engine._check_open()
+            self.engine.check_usable()
             limit = self.engine.default_timeout if timeout is None else timeout
             deadline = monotonic() + limit
             with nogil:
                 self.engine.lock()
                 rc = self.engine.wait_state(self.state, deadline)
                 self.engine.unlock()
-            if rc == RC_TIMEOUT:
-                missing = [s for s in range(self.state.nranks) if not self.state.have[s]]
-                raise BlsTimeoutError(
-                    f"rank {self.engine.rank}: iteration {self.iteration} incomplete after "
-                    f"{limit:g} s; no message yet from ranks {missing} (not posted, or stopped)",
-                    iteration=self.iteration, ranks=missing)
-            self.engine._raise(rc, self.iteration)
+            self.engine.check_rc(rc, self.iteration, "", -1, limit, self.state)
             self.check_usable()
         return 0
 

@@ -1,0 +1,140 @@
+# RingSender: what leaves. Credit windows, slot packing and the writes.
+
+
+cdef class RingSender(RingProgress):
+
+    cdef int acquire_slot(self, int dst, double deadline) noexcept nogil:
+        """Wait until slot ``tx_seq`` towards ``dst`` is free: the peer has
+        consumed what was last written there. If not yet, ask for the credit
+        with a WANT notification, then wait."""
+        cdef Peer* p = &self.peers[dst]
+        cdef uint64_t seq = p.tx_seq
+        cdef int rc
+        if seq < p.tx_credit + self.ring_slots:
+            return RC_OK
+        self.counters.blocked_posts += 1
+        rc = self.notify(dst, bls_imm_encode(BLS_KIND_CREDIT, self.rank,
+                                             seq - self.ring_slots + 1) | BLS_IMM_WANT, deadline)
+        if rc < 0:
+            return rc
+        self.counters.credit_requests += 1
+        while seq >= p.tx_credit + self.ring_slots:
+            rc = self.wait_step(deadline, dst)
+            if rc < 0:
+                return rc
+        return RC_OK
+
+    cdef int write_slot(self, int dst, size_t length, bint more, double deadline) noexcept nogil:
+        """Write staging slot ``tx_seq`` to ``dst``; data and notification
+        travel in one operation. Small slots are injected (no completion at
+        all); others go unsignalled where the provider allows, with FI_MORE
+        while more writes of the same post follow."""
+        cdef Peer* p = &self.peers[dst]
+        cdef uint64_t seq = p.tx_seq
+        cdef size_t pos = seq % self.ring_slots
+        cdef char* buf = p.tx_stage + pos * self.slot_bytes
+        cdef uint32_t imm = bls_imm_encode(BLS_KIND_DATA, self.rank, seq)
+        cdef bint inject = length <= self.inject_limit
+        cdef iovec iov
+        cdef fi_rma_iov rma
+        cdef fi_msg_rma msg
+        cdef uint64_t flags = FI_REMOTE_CQ_DATA
+        cdef ssize_t ret
+        cdef int rc
+        if not inject:
+            iov.iov_base, iov.iov_len = buf, length
+            rma.addr, rma.len, rma.key = p.ring_addr + pos * self.slot_bytes, length, p.key
+            msg.msg_iov, msg.desc, msg.iov_count = &iov, &self.tx_desc, 1
+            msg.addr, msg.rma_iov, msg.rma_iov_count = p.addr, &rma, 1
+            msg.context = &self.tx_ctx[dst * self.ring_slots + pos].ctx
+            msg.data = imm
+            if more:
+                flags |= FI_MORE
+            if not self.selective:
+                flags |= FI_COMPLETION
+        while True:
+            if inject:
+                ret = fi_inject_writedata(self.ep, buf, length, imm, p.addr,
+                                          p.ring_addr + pos * self.slot_bytes, p.key)
+            else:
+                ret = fi_writemsg(self.ep, &msg, flags)
+            if ret == 0:
+                break
+            if ret != -FI_EAGAIN:
+                return self.fail(RC_FABRIC, <int>ret, "fi_writedata", dst, 0, 0)
+            # Provider queue full, or tcp still connecting: progress and retry.
+            self.counters.eagain += 1
+            rc = self.wait_step(deadline, dst)
+            if rc < 0:
+                return rc
+        if inject:
+            self.counters.injects += 1
+        self.counters.puts += 1
+        p.tx_seq = seq + 1
+        return RC_OK
+
+    cdef int post_items(self, SendItem* items, int m, double deadline) noexcept nogil:
+        """Post ``m`` consecutive iterations: per peer, pack as many records as
+        fit into each slot, so a chain travels as one write per peer. This
+        rank's own messages are delivered last, once every write is out: a
+        post that fails before its first write has changed nothing."""
+        cdef int k, j, dst, rc
+        cdef size_t off, n, need
+        cdef char* stage
+        cdef bls_slot_header_t* hdr
+        cdef Peer* p
+        for j in range(1, self.size):
+            dst = (self.rank + j) % self.size  # stagger targets to avoid hot spots
+            p = &self.peers[dst]
+            k = 0
+            while k < m:
+                rc = self.acquire_slot(dst, deadline)
+                if rc < 0:
+                    return rc
+                stage = p.tx_stage + (p.tx_seq % self.ring_slots) * self.slot_bytes
+                hdr = <bls_slot_header_t*>stage
+                hdr.seq = p.tx_seq
+                hdr.first_iteration = <uint64_t>items[k].state.iteration
+                hdr.nrecords = 0
+                hdr.magic = BLS_SLOT_MAGIC
+                off = sizeof(bls_slot_header_t)
+                while k < m:
+                    n = items[k].counts[dst] * items[k].itemsize
+                    need = sizeof(bls_record_header_t) + bls_align(n)
+                    if off + need > self.slot_bytes and hdr.nrecords > 0:
+                        break  # next record starts the next slot
+                    (<bls_record_header_t*>(stage + off)).word = bls_record_pack(n, items[k].dtype)
+                    memcpy(stage + off + sizeof(bls_record_header_t),
+                           items[k].data + items[k].displs[dst] * items[k].itemsize, n)
+                    off += need
+                    hdr.nrecords += 1
+                    self.counters.bytes_sent += n
+                    k += 1
+                hdr.credit = p.rx_consumed  # piggy-backed credit
+                # FI_MORE only while more slots for this same peer follow: a
+                # provider that batches per connection flushes at the last one.
+                rc = self.write_slot(dst, off, k < m, deadline)
+                if rc < 0:
+                    return rc
+                p.rx_reported = hdr.credit
+        for k in range(m):
+            items[k].state.posted = True
+            # The self part stays in the sendbuf until the result is assembled:
+            # one copy, straight into the result (the MPI send-buffer rule).
+            items[k].state.borrowed_src = self.rank
+            n = items[k].counts[self.rank] * items[k].itemsize
+            rc = self.deliver(items[k].state, self.rank,
+                              items[k].data + items[k].displs[self.rank] * items[k].itemsize,
+                              n, items[k].dtype)
+            if rc < 0:
+                return rc
+        self.posted += m
+        return RC_OK
+
+    cdef int64_t min_heard(self) noexcept nogil:
+        cdef int64_t low = self.posted
+        cdef int r
+        for r in range(self.size):
+            if r != self.rank and self.peers[r].heard < low:
+                low = self.peers[r].heard
+        return low

@@ -1,0 +1,213 @@
+# RingState: what the ring engine owns and the one place its failures become exceptions.
+
+cdef extern from "<pythread.h>":
+    unsigned long PyThread_get_thread_ident()
+
+cdef extern from "Python.h" nogil:
+    ctypedef struct PyThreadState:
+        pass
+    PyThreadState* PyEval_SaveThread()
+    void PyEval_RestoreThread(PyThreadState* state)
+
+
+cdef class RingState:
+    """The engine's resources and bookkeeping, its error record and its
+    broken state. Subclasses add the protocol; nothing here talks to peers.
+
+    Failure model: the nogil layer returns RC_ codes and records the details
+    with fail(); check_rc() turns them into exceptions. A failure that may
+    have left the protocol state half-changed (a poll error, a protocol error,
+    a post interrupted after some of its writes left) breaks the engine: that
+    call raises the original error, and every later call raises a BrokenError
+    naming it, until close().
+    """
+
+    cdef readonly int rank, size
+    cdef readonly size_t slot_bytes
+    cdef readonly int ring_slots
+    cdef readonly str provider
+    cdef readonly size_t inject_size
+    cdef readonly size_t inject_limit  # largest slot sent with fi_inject_writedata
+    cdef readonly bint selective       # writes need not generate local completions
+    cdef readonly int64_t reserved     # iterations handed out to requests
+    cdef readonly int64_t posted       # iterations posted
+    cdef bint virt_addr
+    cdef fid_ep* ep
+    cdef fid_cq* cq
+    cdef void* tx_desc
+    cdef Peer* peers
+    cdef TxContext* tx_ctx
+    cdef IterState** window
+    cdef int64_t window_mask
+    cdef bint credits_due
+    cdef Counters counters
+    cdef uint32_t idle_polls
+    cdef uint32_t spin_mask             # empty polls between yields, minus one
+    cdef uint64_t scratch_word
+    # One CQ batch; entries not yet handled survive a failed poll.
+    cdef fi_cq_data_entry batch[16]
+    cdef int batch_next, batch_len
+    # progress="thread": a thread polls between calls; every entry point then
+    # holds this mutex, and the thread takes it for one poll at a time.
+    cdef pthread_mutex_t mutex
+    cdef readonly bint threaded
+    cdef bint thread_stop
+    cdef int thread_rc                  # the thread's failure, reported by the next call
+    cdef object thread
+    # A small post keeps the GIL until it has to wait; the wait primitive then
+    # releases it here and the post's caller takes it back.
+    cdef bint gil_held
+    cdef PyThreadState* gil_saved
+    # last failure, filled without the GIL
+    cdef int err_ret
+    cdef const char* err_call
+    cdef int err_rank
+    cdef int err_kind
+    cdef int64_t err_value
+    cdef bint fatal                     # the failure left protocol state half-changed
+    cdef fi_cq_err_entry err_entry      # an error completion, read where it was found
+    cdef char err_text[256]
+    cdef object broken                  # the BrokenError every later call raises
+    cdef unsigned long owner            # the thread this engine belongs to
+    cdef bint owned
+    cdef readonly bint closed
+    cdef public double default_timeout
+    cdef readonly FabricInfo info
+
+    def __cinit__(self, *args, **kwargs):
+        self.peers = NULL
+        self.tx_ctx = NULL
+        self.window = NULL
+        self.gil_saved = NULL
+        self.closed = True
+        self.default_timeout = 60.0
+        self.spin_mask = 31
+        pthread_mutex_init(&self.mutex, NULL)
+
+    def __dealloc__(self):
+        cdef int r
+        if self.peers != NULL:
+            for r in range(self.size):
+                free(self.peers[r].rx_landed)
+                free(self.peers[r].rx_holds)
+            free(self.peers)
+        free(self.tx_ctx)
+        free(self.window)
+        pthread_mutex_destroy(&self.mutex)
+
+    # ---- nogil failure record ------------------------------------------------
+
+    cdef int fail(self, int rc, int ret, const char* call, int rank, int kind,
+                  int64_t value) noexcept nogil:
+        self.err_ret, self.err_call, self.err_rank = ret, call, rank
+        self.err_kind, self.err_value = kind, value
+        if rc == RC_PROTOCOL or rc == RC_NOMEM:
+            self.fatal = True
+        return rc
+
+    cdef int protocol_error(self, int kind, int rank, int64_t value) noexcept nogil:
+        return self.fail(RC_PROTOCOL, 0, NULL, rank, kind, value)
+
+    cdef inline void lock(self) noexcept nogil:
+        if self.threaded:
+            pthread_mutex_lock(&self.mutex)
+
+    cdef inline void unlock(self) noexcept nogil:
+        if self.threaded:
+            pthread_mutex_unlock(&self.mutex)
+
+    cdef inline void take_gil_back(self) noexcept:
+        """After a nogil-layer call made with the GIL held: reacquire it if
+        the wait primitive released it."""
+        if self.gil_saved != NULL:
+            PyEval_RestoreThread(self.gil_saved)
+            self.gil_saved = NULL
+        self.gil_held = False
+
+    # ---- exceptions -----------------------------------------------------------
+
+    cdef object error_for(self, int rc, int64_t iteration=-1, str waiting_for="",
+                          int64_t need=-1, double timeout=0.0, IterState* st=NULL):
+        """The exception for RC_ code ``rc``, from the recorded failure."""
+        if rc == RC_TIMEOUT:
+            if st != NULL:
+                missing = [s for s in range(st.nranks) if not st.have[s]]
+                return BlsTimeoutError(
+                    f"rank {self.rank}: iteration {iteration} incomplete after {timeout:g} s; "
+                    f"no message yet from ranks {missing} (not posted, or stopped)",
+                    iteration=iteration, ranks=missing)
+            if need >= 0:
+                late = [r for r in range(self.size)
+                        if r != self.rank and self.peers[r].heard < need]
+                return BlsTimeoutError(
+                    f"rank {self.rank}: iteration {iteration} waited {timeout:g} s for ranks "
+                    f"{late} to post iteration {need - 1} (the bound); they are stopped, "
+                    "crashed or far slower; raise timeout= if they are merely slow",
+                    iteration=iteration, ranks=late)
+            ranks = [self.err_rank] if self.err_rank >= 0 else []
+            return BlsTimeoutError(f"rank {self.rank}: timed out {waiting_for or 'waiting'} "
+                                   f"for ranks {ranks} (iteration {iteration})",
+                                   iteration=iteration, ranks=ranks)
+        if rc == RC_FABRIC:
+            if self.err_ret == -FI_EAVAIL:
+                detail = (f"{fi_error_text(self.err_entry.err)} (err {self.err_entry.err}, "
+                          f"provider errno {self.err_entry.prov_errno}: "
+                          f"{self.err_text.decode(errors='replace')})")
+            else:
+                detail = fi_error_text(self.err_ret)
+            call = self.err_call.decode() if self.err_call != NULL else "libfabric"
+            peer = f" towards rank {self.err_rank}" if self.err_rank >= 0 else ""
+            return FabricError(f"rank {self.rank}: {call}{peer} failed on provider "
+                               f"{self.provider!r}: {detail}", provider=self.provider,
+                               errno=-self.err_ret, strerror=detail)
+        if rc == RC_NOMEM:
+            return MemoryError(f"rank {self.rank}: out of memory receiving iteration "
+                               f"{self.err_value}")
+        text = PROTOCOL_ERRORS.get(self.err_kind, "protocol error").format(
+            rank=self.err_rank, value=self.err_value)
+        return FabricError(f"rank {self.rank}: protocol error: {text} (provider "
+                           f"{self.provider!r}); data integrity cannot be guaranteed, close "
+                           "this communicator", provider=self.provider)
+
+    cdef int check_rc(self, int rc, int64_t iteration=-1, str waiting_for="",
+                      int64_t need=-1, double timeout=0.0, IterState* st=NULL) except -1:
+        """Raise the exception for ``rc`` (nothing for RC_OK or a count); break
+        the engine first if the failure left its protocol state half-changed."""
+        if rc >= RC_OK:
+            return 0
+        exc = self.error_for(rc, iteration, waiting_for, need, timeout, st)
+        if self.fatal:
+            self.break_with(exc, iteration)
+        raise exc
+
+    cdef int break_with(self, object cause, int64_t iteration) except -1:
+        if self.broken is None:
+            self.broken = BrokenError(
+                f"rank {self.rank}: this communicator is broken by an earlier failure in "
+                f"iteration {iteration}: {cause}; close() it and create a new one",
+                cause=cause, iteration=iteration, provider=self.provider)
+        return 0
+
+    cdef int check_usable(self) except -1:
+        """Every call starts here: closed, broken, or not this thread's?"""
+        cdef unsigned long me
+        cdef int thread_rc
+        if self.closed:
+            raise ClosedError("this communicator is closed; create a new blsfab.Communicator")
+        self.lock()
+        thread_rc = self.thread_rc
+        self.unlock()
+        if thread_rc < 0 and self.broken is None:
+            # The progress thread stopped on this failure; its record is intact.
+            self.break_with(self.error_for(thread_rc, self.posted - 1), self.posted - 1)
+        if self.broken is not None:
+            raise self.broken
+        me = PyThread_get_thread_ident()
+        if not self.owned:
+            self.owner, self.owned = me, True
+        elif me != self.owner:
+            raise RuntimeError(
+                f"rank {self.rank}: this communicator belongs to thread {self.owner} and was "
+                f"called from thread {me}; a communicator serves one thread: give each thread "
+                "its own with comm.dup()")
+        return 0
