@@ -8,9 +8,13 @@ PROVIDERS = ["shm", "tcp"]
 
 # The ways data can travel and be taken, each run through the engine's checks:
 # the worker scripts read these variables.
+# fabric: every peer through the provider (what a forced provider means on one
+# host); shared: same-host peers through node-local shared rings.
 PATHS = {
-    "wait": {},
-    "wait-out": {"BLSFAB_TEST_RECEIVE": "out"},
+    "fabric": {"BLSFAB_LOCAL": "fabric"},
+    "fabric-out": {"BLSFAB_LOCAL": "fabric", "BLSFAB_TEST_RECEIVE": "out"},
+    "shared": {"BLSFAB_LOCAL": "shared"},
+    "shared-out": {"BLSFAB_LOCAL": "shared", "BLSFAB_TEST_RECEIVE": "out"},
 }
 
 
@@ -72,6 +76,8 @@ def test_bounded_lag_with_chained_pairs(provider):
 def test_progress_thread_keeps_every_guarantee(provider):
     env = {"BLSFAB_PROGRESS": "thread"}
     assert "OK" in run_mpi(4, "check_alltoallv.py", provider, "0,4", env=env)
+    assert "OK" in run_mpi(4, "check_alltoallv.py", provider, "0,4",
+                           env=dict(env, BLSFAB_LOCAL="shared"))
     assert "OK lag" in run_mpi(4, "check_lag.py", provider, 4, 600, "-", "chain", env=env)
     assert "OK lag" in run_mpi(4, "check_lag.py", provider, 2, 300, 1, env=env)
 

@@ -14,12 +14,16 @@ from . import _core
 from . import provider as _provider
 from .bootstrap import MPIBootstrap, hostname
 from .errors import ClosedError
+from .node_local import NodeLocalRings
 
 Request = _core.Request
 
 # Empty polls before a waiting rank yields its core.
 SPIN_POLLS = 4096
 SPIN_POLLS_OVERSUBSCRIBED = 1
+
+# Paths between ranks of one host (Communicator's local=).
+LOCAL_MODES = ("auto", "shared", "fabric")
 
 # Iterations one chain may hold before it is posted; sizes the receive window.
 MAX_CHAIN = 64
@@ -51,6 +55,13 @@ class Communicator:
     ``rank`` and ``size``; any object with ``rank``, ``size``, ``allgather``
     and ``barrier`` can also be given as ``bootstrap``.
 
+    ``local`` chooses the path between ranks on the same host: "auto" (the
+    default, or $BLSFAB_LOCAL) uses node-local shared-memory rings unless a
+    ``provider`` is forced; "shared" always uses them; "fabric" never does,
+    so every peer goes through the libfabric provider. Other hosts are always
+    reached through the provider. ``stats()["paths"]`` says which path each
+    rank uses.
+
     ``ring_slots`` (advanced) overrides the slots per sender ring, 2*bound + 2 by
     default. Fewer slots save memory, but posts may then wait for credits
     (counted in ``stats()["blocked_posts"]``); correctness does not change.
@@ -60,8 +71,13 @@ class Communicator:
                  provider: Optional[str] = None, timeout: float = 60.0,
                  chain_threshold: Optional[int] = None, progress: Optional[str] = None,
                  ring_slots: Optional[int] = None, store=None, rank: Optional[int] = None,
-                 size: Optional[int] = None, bootstrap=None):
+                 size: Optional[int] = None, bootstrap=None, local: Optional[str] = None):
         self._engine = None
+        self._rings = None
+        if local is None:
+            local = os.environ.get("BLSFAB_LOCAL", "auto")
+        if local not in LOCAL_MODES:
+            raise ValueError(f"local={local!r}: use one of {', '.join(map(repr, LOCAL_MODES))}")
         bound = _check_int("bound", bound, 0)
         slot_bytes = _check_int("slot_bytes", slot_bytes, _core.SLOT_OVERHEAD + 8)
         if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
@@ -101,10 +117,14 @@ class Communicator:
             _core.tune_malloc(max(256 << 20, 4 * self.size * slot_bytes))
         try:
             engine.connect(self._boot.allgather(engine.local_address()))
+            self._rings = self._map_local_rings(engine, local, provider is not None,
+                                                ring_slots, slot_bytes)
             engine.greet(self.timeout)
             self._boot.barrier(engine.make_progress, self.timeout)
         except BaseException:
             engine.close()
+            if self._rings is not None:
+                self._rings.close()
             raise
         if progress == "thread":
             engine.start_progress_thread()
@@ -112,9 +132,29 @@ class Communicator:
         self.provider = name
         self.slot_bytes = slot_bytes
 
+    def _map_local_rings(self, engine, local: str, forced: bool, ring_slots: int,
+                         slot_bytes: int):
+        """Put same-host peers on shared rings if ``local`` says so (every rank
+        must say the same); returns the NodeLocalRings or None."""
+        use = local == "shared" or (local == "auto" and not forced)
+        choices = [c == b"1" for c in self._boot.allgather(b"1" if use else b"0")]
+        if len(set(choices)) != 1:
+            raise ValueError(f"ranks disagree on the node-local path ({choices}); pass the same "
+                             "local= and provider= (or none) on every rank")
+        group = [r for r, h in enumerate(self._hosts) if h == self._hosts[self.rank]]
+        if not use:
+            return None
+        # Every rank joins the set-up (it is collective), even one alone on its host.
+        rings = NodeLocalRings(self._boot, group, ring_slots, slot_bytes, self.timeout,
+                               engine.make_progress)
+        if len(group) > 1:
+            engine.use_shared_rings(rings)
+        return rings
+
     def _agree_on_provider(self, requested: Optional[str]) -> str:
         usable = providers()
         hosts = self._boot.allgather(hostname())
+        self._hosts = hosts
         same_host = len(set(hosts)) == 1
         self._ranks_on_host = hosts.count(hosts[self.rank])
         try:
@@ -196,6 +236,12 @@ class Communicator:
             self._boot.barrier(engine.make_progress, self.timeout)
         finally:
             engine.close()
+            self._close_rings()
+
+    def _close_rings(self) -> None:
+        if self._rings is not None:
+            self._rings.close()
+            self._rings = None
 
     def __enter__(self) -> "Communicator":
         return self
@@ -206,6 +252,7 @@ class Communicator:
         elif self._engine is not None:
             # Unwinding from an error: peers may be gone, so skip the barrier.
             self._engine.close()
+            self._close_rings()
 
     def __repr__(self) -> str:
         closed = self._engine is None or self._engine.closed

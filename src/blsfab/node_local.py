@@ -36,12 +36,12 @@ def same_host_groups(hosts: Sequence[str]) -> List[List[int]]:
 def job_token(boot) -> str:
     """A name fragment shared by every rank of this job and unlikely to collide
     with any other job on the host: rank 0's random token and pid."""
-    mine = f"{os.getpid():x}-{secrets.token_hex(6)}" if boot.rank == 0 else ""
+    mine = f"{os.getpid():x}-{secrets.token_hex(6)}".encode() if boot.rank == 0 else b""
     token = boot.allgather(mine)[0]
-    if not (isinstance(token, str) and 0 < len(token) <= 64
-            and all(c in "0123456789abcdef-" for c in token)):
+    if not (isinstance(token, bytes) and 0 < len(token) <= 64
+            and all(c in b"0123456789abcdef-" for c in token)):
         raise ValueError(f"rank 0 sent the job token {token!r}; expected up to 64 hex digits")
-    return token
+    return token.decode()
 
 
 def segment_name(token: str, rank: int) -> str:

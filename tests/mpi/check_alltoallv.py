@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import blsfab
-from common import expect, receive, reference_alltoallv, scribble, world
+from common import check_paths, expect, receive, reference_alltoallv, scribble, world
 
 provider = sys.argv[1]
 bounds = [int(b) for b in sys.argv[2].split(",")]
@@ -87,6 +87,7 @@ for bound in bounds:
                 expect(np.array_equal(as_bytes(out), ref),
                        f"bound {bound} case {case} ({kind} {dtype}) iteration {it}: data differ")
         st = comm.stats()
+        check_paths(st)
         expect(st["max_lead"] <= bound, f"max_lead {st['max_lead']} > bound {bound}")
 if rank == 0:
     print(f"OK provider={provider} bounds={bounds} size={size} chained={chained}")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import blsfab
-from common import expect, receive, scribble, world
+from common import check_paths, expect, receive, scribble, world
 
 provider, bound, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ring_slots = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
@@ -71,6 +71,7 @@ for first in range(0, iters, group):
                                for s in range(size)])
         expect(np.array_equal(out, want), f"iteration {old}: corrupt or misplaced data")
 st = comm.stats()
+check_paths(st)
 comm.close()
 leads = world.gather((st["max_lead"], st["mean_lead"], st["blocked_posts"]), root=0)
 paths = world.gather((st["in_place"], st["spilled"]), root=0)

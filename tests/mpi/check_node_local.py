@@ -5,6 +5,7 @@ usage: check_node_local.py MODE
                 shared rings (more slots than the ring holds, so credits wrap)
   kill-running  as exchange, but rank 1 is killed (SIGKILL) mid-run
   kill-setup    rank 1 is killed after creating its segment, before the others map it
+  kill-communicator  a Communicator on the node-local path; rank 1 is killed mid-run
 """
 
 import os
@@ -30,6 +31,20 @@ class DyingBootstrap(MPIBootstrap):
             os.kill(os.getpid(), signal.SIGKILL)
         super().barrier(progress, timeout)
 
+
+if mode == "kill-communicator":
+    # A whole node-local Communicator; rank 1 dies mid-run.
+    import blsfab
+    comm = blsfab.Communicator(bound=2, slot_bytes=1 << 16, provider="shm", local="shared",
+                               timeout=30)
+    expect(comm.stats()["paths"].count("shared") == size - 1, f"paths {comm.stats()['paths']}")
+    print(f"TOKEN {comm._rings.token}", flush=True)
+    send = np.arange(1000 * size, dtype=np.float32)
+    for it in range(100):
+        if rank == 1 and it == 50:
+            os.kill(os.getpid(), signal.SIGKILL)
+        comm.ialltoallv(send, [1000] * size).wait()
+    expect(False, "the run should have ended with rank 1")
 
 boot = DyingBootstrap() if mode == "kill-setup" else MPIBootstrap()
 rings = NodeLocalRings(boot, list(range(size)), RING_SLOTS, SLOT_BYTES, timeout=30)

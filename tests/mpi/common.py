@@ -62,3 +62,13 @@ def scribble(buf):
         buf.view(np.uint8)[:] = 0xEE
     else:
         buf.view(-1).zero_().add_(-7) if buf.dtype.is_floating_point or buf.dtype.is_signed else buf.zero_()
+
+
+def check_paths(stats):
+    """Every peer took the path BLSFAB_LOCAL asked for (one host: all of them)."""
+    local = os.environ.get("BLSFAB_LOCAL")
+    want = {"shared": "shared", "fabric": "fabric"}.get(local)
+    if want is None:
+        return
+    peers = [p for r, p in enumerate(stats["paths"]) if r != world.rank]
+    expect(all(p == want for p in peers), f"BLSFAB_LOCAL={local} but paths are {stats['paths']}")

@@ -44,6 +44,7 @@ cdef class RingEngine(RingSender):
     cdef AddressVector av_obj
     cdef Endpoint ep_obj
     cdef list rx_regions                # per sender rank: its ring, its own key
+    cdef object shared_rings            # node_local.NodeLocalRings, while in use
     cdef RegisteredBuffer tx_region
 
     def __cinit__(self, FabricInfo info not None, int rank, int size, size_t slot_bytes,
@@ -231,6 +232,44 @@ cdef class RingEngine(RingSender):
             p.ring_addr = mine.addr
             p.scratch_addr = mine.addr + <uint64_t>self.ring_slots * self.slot_bytes
             p.key = mine.key
+
+    def use_shared_rings(self, rings):
+        """Move the same-host peers of ``rings`` (a node_local.NodeLocalRings
+        with this engine's geometry) onto the node-local path. Call it on
+        every rank of the host after connect() and before any traffic."""
+        cdef SharedSegment own, theirs
+        cdef Peer* p
+        cdef int r, mine, yours
+        self.check_usable()
+        if self.posted or self.reserved:
+            raise RuntimeError("use_shared_rings() must come before the first iteration")
+        own = rings.own
+        if own is None or own.ring_slots != <uint64_t>self.ring_slots or own.slot_bytes != self.slot_bytes:
+            raise ValueError(f"shared rings of {own!r} do not match ring_slots="
+                             f"{self.ring_slots}, slot_bytes={self.slot_bytes}")
+        for r in rings.local:
+            if r == self.rank:
+                continue
+            if not 0 <= r < self.size:
+                raise ValueError(f"local rank {r} is not in 0..{self.size - 1}")
+            theirs = rings.peers[r]
+            mine = rings.ring_index(self.rank, r)    # r's ring in our segment
+            yours = rings.ring_index(r, self.rank)   # our ring in r's segment
+            p = &self.peers[r]
+            p.rx_ring = own.slots(mine)
+            p.rx_published = own.landed_words(mine)
+            p.rx_consumed_word = own.consumed_word(mine)
+            p.tx_shared = theirs.slots(yours)
+            p.tx_published = theirs.landed_words(yours)
+            p.tx_consumed = theirs.consumed_word(yours)
+            p.local = True
+            self.nlocal += 1
+        self.shared_rings = rings
+
+    def paths(self):
+        """How each rank is reached: 'self', 'shared' (node-local rings) or 'fabric'."""
+        return ["self" if r == self.rank else "shared" if self.peers[r].local else "fabric"
+                for r in range(self.size)]
 
     def greet(self, double timeout):
         """Warm every connection: one bare notification to each peer, then wait
@@ -462,6 +501,8 @@ cdef class RingEngine(RingSender):
             "mean_lead": (<double>c.lead_sum / c.lead_samples) if c.lead_samples else 0.0,
             "ring_bytes": sum(b.nbytes for b in self.rx_regions if b is not None)
                           if self.rx_regions is not None else 0,
+            "shared_bytes": self.shared_rings.mapped_bytes if self.shared_rings is not None else 0,
+            "paths": self.paths(),
             "staging_bytes": self.tx_region.nbytes if self.tx_region is not None else 0,
             "ring_slots": self.ring_slots, "slot_bytes": self.slot_bytes,
             "inject_limit": self.inject_limit, "selective_completion": self.selective,

@@ -27,11 +27,16 @@ cdef class RingProgress(RingReceiver):
         cdef ssize_t n
         cdef int rc, handled = 0
         cdef fi_cq_data_entry* e
+        if self.nlocal:
+            handled = self.poll_shared()
+            if handled < 0:
+                self.fatal = True
+                return handled
         if self.batch_next == self.batch_len:
             n = fi_cq_read(self.cq, self.batch, 16)
             if n == -FI_EAGAIN:
-                return 0
-            if n < 0:
+                n = 0
+            elif n < 0:
                 self.fatal = True
                 if n == -FI_EAVAIL:
                     self.read_cq_error()

@@ -121,6 +121,7 @@ cdef class RingReceiver(RingState):
         """Free processed slots, in order, once nothing reads them in place."""
         cdef Peer* p = &self.peers[src]
         cdef size_t pos
+        cdef uint64_t before = p.rx_consumed
         while p.rx_consumed < p.rx_processed:
             pos = p.rx_consumed % self.ring_slots
             if p.rx_holds[pos]:
@@ -130,6 +131,37 @@ cdef class RingReceiver(RingState):
             p.rx_consumed += 1
             if p.rx_wanted:
                 self.credits_due = True
+        if p.local and p.rx_consumed != before:
+            # After our last read of the freed slots: the sender may reuse them.
+            # This is the credit report, so a WANT is measured from it.
+            bls_shm_set_consumed(p.rx_consumed_word, p.rx_consumed)
+            p.rx_reported = p.rx_consumed
+
+    cdef int poll_shared(self) noexcept nogil:
+        """Process every slot node-local peers have published, in order (the
+        acquire load makes the slot's contents visible). Returns the number
+        of slots processed or a negative RC_ code."""
+        cdef int src, rc, handled = 0
+        cdef Peer* p
+        cdef size_t pos
+        for src in range(self.size):
+            p = &self.peers[src]
+            if not p.local:
+                continue
+            while True:
+                pos = p.rx_processed % self.ring_slots
+                if bls_shm_landed(&p.rx_published[pos]) != p.rx_processed + 1:
+                    break
+                if p.rx_processed >= p.rx_consumed + self.ring_slots:
+                    return self.protocol_error(PE_OUTSIDE_WINDOW, src, self.ring_slots)
+                p.rx_landed[pos] = p.rx_processed + 1
+                rc = self.process_slot(src)
+                if rc < 0:
+                    return rc
+                handled += 1
+            if handled:
+                self.release_slots(src)
+        return handled
 
     cdef int spill(self, int src) noexcept nogil:
         """Copy out every record of ``src`` still read in place, so its slots

@@ -10,6 +10,9 @@ cdef class RingSender(RingProgress):
         cdef Peer* p = &self.peers[dst]
         cdef uint64_t seq = p.tx_seq
         cdef int rc
+        rc = self.refresh_credit(dst)
+        if rc < 0:
+            return rc
         if seq < p.tx_credit + self.ring_slots:
             return RC_OK
         self.counters.blocked_posts += 1
@@ -20,8 +23,24 @@ cdef class RingSender(RingProgress):
         self.counters.credit_requests += 1
         while seq >= p.tx_credit + self.ring_slots:
             rc = self.wait_step(deadline, dst)
+            if rc == RC_OK:
+                rc = self.refresh_credit(dst)
             if rc < 0:
                 return rc
+        return RC_OK
+
+    cdef int refresh_credit(self, int dst) noexcept nogil:
+        """On the node-local path the peer publishes its credit in shared
+        memory (acquire: its reads of those slots are over)."""
+        cdef Peer* p = &self.peers[dst]
+        cdef uint64_t consumed
+        if not p.local:
+            return RC_OK
+        consumed = bls_shm_consumed(p.tx_consumed)
+        if consumed > p.tx_seq:
+            return self.protocol_error(PE_CREDIT_UNSENT, dst, <int64_t>consumed)
+        if consumed > p.tx_credit:
+            p.tx_credit = consumed
         return RC_OK
 
     cdef int write_slot(self, int dst, size_t length, bint more, double deadline) noexcept nogil:
@@ -41,6 +60,12 @@ cdef class RingSender(RingProgress):
         cdef uint64_t flags = FI_REMOTE_CQ_DATA
         cdef ssize_t ret
         cdef int rc
+        if p.local:
+            # Packed in place in the peer's ring: publishing is the whole write.
+            bls_shm_publish(&p.tx_published[pos], seq)
+            self.counters.puts += 1
+            p.tx_seq = seq + 1
+            return RC_OK
         if not inject:
             iov.iov_base, iov.iov_len = buf, length
             rma.addr, rma.len, rma.key = p.ring_addr + pos * self.slot_bytes, length, p.key
@@ -91,7 +116,8 @@ cdef class RingSender(RingProgress):
                 rc = self.acquire_slot(dst, deadline)
                 if rc < 0:
                     return rc
-                stage = p.tx_stage + (p.tx_seq % self.ring_slots) * self.slot_bytes
+                stage = ((p.tx_shared if p.local else p.tx_stage)
+                         + (p.tx_seq % self.ring_slots) * self.slot_bytes)
                 hdr = <bls_slot_header_t*>stage
                 hdr.seq = p.tx_seq
                 hdr.first_iteration = <uint64_t>items[k].state.iteration

@@ -44,6 +44,7 @@ cdef class RingState:
     cdef uint32_t idle_polls
     cdef uint32_t spin_mask             # empty polls between yields, minus one
     cdef uint64_t scratch_word
+    cdef int nlocal                     # peers on the node-local path
     # One CQ batch; entries not yet handled survive a failed poll.
     cdef fi_cq_data_entry batch[16]
     cdef int batch_next, batch_len

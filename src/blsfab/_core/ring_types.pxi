@@ -73,6 +73,17 @@ cdef struct Peer:
     uint64_t* rx_landed     # per ring position: seq + 1 of a landed, unconsumed slot
     int64_t heard           # iterations received from the peer = its posts seen here
     bint greeted
+    # Node-local path (node_local.py, shm.h): the peer is on this host, and
+    # slots travel through shared rings instead of the fabric. Same slots,
+    # same credits; a landed word replaces the CQ entry, a consumed word the
+    # credit report. Bare notifications (greeting, WANT, credit answers) still
+    # use the fabric.
+    bint local
+    char* tx_shared         # our ring in the peer's segment: we pack slots there
+    uint64_t* tx_published  # its landed words: we publish each slot with release
+    uint64_t* tx_consumed   # its consumed word: the peer's credit, acquire
+    uint64_t* rx_published  # landed words of the peer's ring in our segment
+    uint64_t* rx_consumed_word  # where we publish rx_consumed
 
 cdef struct TxContext:
     fi_context ctx          # libfabric's FI_CONTEXT storage for one write in flight
