@@ -15,6 +15,8 @@ PATHS = {
     "fabric-out": {"BLSFAB_LOCAL": "fabric", "BLSFAB_TEST_RECEIVE": "out"},
     "shared": {"BLSFAB_LOCAL": "shared"},
     "shared-out": {"BLSFAB_LOCAL": "shared", "BLSFAB_TEST_RECEIVE": "out"},
+    "shared-views": {"BLSFAB_LOCAL": "shared", "BLSFAB_TEST_RECEIVE": "views"},
+    "fabric-views": {"BLSFAB_LOCAL": "fabric", "BLSFAB_TEST_RECEIVE": "views"},
 }
 
 
@@ -94,3 +96,8 @@ def test_large_messages_read_in_place_survive_lag_and_credit_waits(provider, pat
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_wait_out_validates_the_buffer_and_fills_it(provider):
     assert "OK out" in run_mpi(2, "check_out.py", provider)
+
+
+@pytest.mark.parametrize("local", ["shared", "fabric"])
+def test_views_outlive_release_and_held_views_time_out_naming_peers(local):
+    assert "OK views" in run_mpi(2, "check_views.py", local)

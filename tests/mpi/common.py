@@ -35,7 +35,7 @@ def reference_alltoallv(sendbuf, sendcounts, comm=world):
 
 
 # How workers take delivery, so every receive path runs the same checks:
-# BLSFAB_TEST_RECEIVE=plain (wait()), out (wait(out=...)).
+# BLSFAB_TEST_RECEIVE=plain (wait()), out (wait(out=...)), views (views()).
 RECEIVE = os.environ.get("BLSFAB_TEST_RECEIVE", "plain")
 
 
@@ -53,6 +53,17 @@ def receive(req, nelems, like):
         got = req.wait(out=buf)
         expect(got is buf, "wait(out=buf) did not return buf")
         return buf
+    if RECEIVE == "views":
+        with req.views() as parts:
+            expect(len(parts) == world.size, f"{len(parts)} views for {world.size} ranks")
+            if isinstance(like, np.ndarray):
+                expect(all(not p.flags.writeable for p in parts), "a view is writable")
+                data = np.concatenate(parts) if parts else np.empty(0, like.dtype)
+            else:
+                import torch
+                data = torch.cat(parts)
+        expect(len(data) == nelems, f"views hold {len(data)} elements, expected {nelems}")
+        return data
     fail(f"unknown BLSFAB_TEST_RECEIVE={RECEIVE!r}")
 
 

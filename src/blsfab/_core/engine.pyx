@@ -518,6 +518,7 @@ cdef class RingEngine(RingSender):
         close is reported (FabricError) after everything else is released;
         memory whose registration could not be closed is never freed."""
         cdef int64_t i
+        cdef int s
         cdef IterState* st
         if self.closed:
             return
@@ -534,8 +535,25 @@ cdef class RingEngine(RingSender):
                 # Reserved iterations belong to their Request, which frees them.
                 if st.orphaned or st.iteration >= self.reserved:
                     iter_state_free(st)
+        # Completed iterations still reading rings: copy their records out, so
+        # their Requests can still assemble them once the rings are gone.
+        while self.held_list != NULL:
+            st = self.held_list
+            self.held_list = st.next_held
+            st.next_held = NULL
+            for s in range(st.nranks):
+                if st.held[s] and self.copy_out(st, s) < 0:
+                    st.closed = True  # out of memory: the Request reports the close
+                    st.held[s] = 0
+                    st.data[s] = NULL
         failures = []
         regions = [b for b in (self.rx_regions or []) if b is not None]
+        if self.view_holds:
+            # Live views still read these rings: keep their memory (until exit).
+            for ring in regions:
+                (<RegisteredBuffer>ring).base = NULL
+            if self.shared_rings is not None and self.shared_rings.own is not None:
+                (<SharedSegment>self.shared_rings.own).forget()
         for obj in [self.ep_obj, *regions, self.tx_region, self.av_obj, self.cq_obj,
                     self.domain_obj, self.fabric_obj]:
             if obj is None:

@@ -26,6 +26,7 @@ cdef class Request:
     cdef size_t itemsize
     cdef object result
     cdef object out_ref         # the buffer of wait(out=) while the engine may write it
+    cdef bint views_taken       # the data went out as views()
     cdef list _recvcounts
     # send side, held from prepare() until the iteration is posted
     cdef SendItem item
@@ -132,6 +133,8 @@ cdef class Request:
             if self.engine is not None:
                 self.engine.lock()
             if st.detached:
+                if self.engine is not None:
+                    self.engine.release_state_holds(st)
                 iter_state_free(st)
             else:
                 st.out = NULL
@@ -156,17 +159,7 @@ cdef class Request:
         cdef size_t offset = 0
         cdef int s
         cdef BufferView view
-        for s in range(st.nranks):
-            if st.dtype[s] != self.dtype_code:
-                raise TypeError(
-                    f"iteration {self.iteration}: rank {s} sent {dtype_name(st.dtype[s])} data "
-                    f"but this rank uses {dtype_name(self.dtype_code)} (dtype {self.dtype}); "
-                    "every rank must send the same dtype")
-            if st.nbytes[s] % self.itemsize:
-                raise ValueError(
-                    f"iteration {self.iteration}: rank {s} sent {st.nbytes[s]} bytes, not a "
-                    f"multiple of this rank's item size {self.itemsize}; all ranks must send "
-                    "the same dtype")
+        self.check_sources()
         if out is not None:
             describe_output(out, self.is_torch, self.dtype, &view)
             if <size_t>view.nelems * view.itemsize != st.total:
@@ -192,6 +185,10 @@ cdef class Request:
                 if st.nbytes[s]:
                     memcpy(dest + offset, st.data[s], st.nbytes[s])
                     offset += st.nbytes[s]
+            # Records read in place are copied: their slots may go.
+            self.engine.lock()
+            self.engine.release_state_holds(st)
+            self.engine.unlock()
         self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
         self.result = result
         self.sendbuf = None
@@ -199,6 +196,94 @@ cdef class Request:
         iter_state_free(st)
         self.state = NULL
         return 0
+
+    cdef int check_sources(self) except -1:
+        """Every source sent this rank's dtype, in whole elements."""
+        cdef IterState* st = self.state
+        cdef int s
+        for s in range(st.nranks):
+            if st.dtype[s] != self.dtype_code:
+                raise TypeError(
+                    f"iteration {self.iteration}: rank {s} sent {dtype_name(st.dtype[s])} data "
+                    f"but this rank uses {dtype_name(self.dtype_code)} (dtype {self.dtype}); "
+                    "every rank must send the same dtype")
+            if st.nbytes[s] % self.itemsize:
+                raise ValueError(
+                    f"iteration {self.iteration}: rank {s} sent {st.nbytes[s]} bytes, not a "
+                    f"multiple of this rank's item size {self.itemsize}; all ranks must send "
+                    "the same dtype")
+        return 0
+
+    def views(self, timeout=None):
+        """Progress until complete, then return the data as per-source
+        read-only views (blsfab.Views), without assembling it: records read
+        in place stay in their ring slots. Use ``with req.views() as parts:``
+        or call ``release()``; see Views for what holding them does to flow
+        control. The request is then done: wait() raises."""
+        cdef IterState* st
+        cdef Views views = Views.__new__(Views)
+        cdef _ViewHold hold
+        cdef int s
+        cdef size_t n
+        cdef char* data
+        if self.views_taken:
+            raise RuntimeError(f"iteration {self.iteration}: views() was already called")
+        if self.result is None:
+            self.check_usable()
+            self._wait_detached(timeout)
+            st = self.state
+            if st.result != NULL or st.filled_out:
+                self.finish()  # already assembled: slice the result
+            else:
+                self.check_sources()
+                parts = []
+                self.engine.lock()
+                self.engine.unlist_held(st)
+                for s in range(st.nranks):
+                    if st.held[s]:
+                        self.engine.view_holds += 1
+                self.engine.unlock()
+                for s in range(st.nranks):
+                    n = st.nbytes[s]
+                    hold = _ViewHold.__new__(_ViewHold)
+                    hold.engine, hold.src = self.engine, s
+                    if st.held[s]:
+                        hold.held = st.held[s]
+                        st.held[s] = 0
+                        data = st.data[s]
+                    elif s == st.borrowed_src:
+                        # Our own part, copied once: the send buffer is the caller's.
+                        hold.piece = <char*>malloc(n if n else 1)
+                        if hold.piece == NULL:
+                            raise MemoryError()
+                        memcpy(hold.piece, st.data[s], n)
+                        data = hold.piece
+                    else:
+                        hold.piece = st.data[s]
+                        data = hold.piece
+                    st.data[s] = NULL
+                    parts.append(view_array(self.is_torch, self.dtype, self.typenum, data, n,
+                                            self.itemsize, hold))
+                self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
+                st.borrowed_src = -1
+                iter_state_free(st)
+                self.state = NULL
+                self.sendbuf = None
+                self.views_taken = True
+                views.parts = parts
+                return views
+        # The data is one assembled buffer: views are slices of it.
+        self.views_taken = True
+        parts, offset = [], 0
+        for c in self._recvcounts:
+            part = self.result[offset:offset + c]
+            if not self.is_torch:
+                part.flags.writeable = False
+            parts.append(part)
+            offset += c
+        self.result = None
+        views.parts = parts
+        return views
 
     cdef int check_usable(self) except -1:
         if self.result is not None:
@@ -218,7 +303,7 @@ cdef class Request:
 
     def test(self):
         """Make progress once; True when the data has arrived from every rank."""
-        if self.result is not None:
+        if self.result is not None or self.views_taken:
             return True
         self.check_usable()
         if not self.is_detached():
@@ -243,6 +328,8 @@ cdef class Request:
         cdef double deadline
         cdef double limit
         cdef BufferView view
+        if self.views_taken:
+            raise RuntimeError(f"iteration {self.iteration}: the data was taken as views()")
         if out is not None:
             describe_output(out, self.is_torch, self.dtype, &view)
         if self.result is not None:
@@ -318,7 +405,7 @@ cdef class Request:
 
     @property
     def done(self):
-        return self.result is not None
+        return self.result is not None or self.views_taken
 
     def __repr__(self):
         state = "complete" if self.result is not None else "pending"

@@ -165,25 +165,62 @@ cdef class RingReceiver(RingState):
 
     cdef int spill(self, int src) noexcept nogil:
         """Copy out every record of ``src`` still read in place, so its slots
-        free now: the sender has asked for credit."""
+        free now: the sender has asked for credit. (Slots lent out as views
+        stay held: their holder decides.)"""
         cdef int64_t i
         cdef IterState* st
-        cdef char* piece
-        cdef Peer* p = &self.peers[src]
+        cdef int rc
         for i in range(self.window_mask + 1):
             st = self.window[i]
-            if st == NULL or not st.held[src]:
-                continue
-            piece = <char*>malloc(st.nbytes[src])
-            if piece == NULL:
-                return self.fail(RC_NOMEM, 0, NULL, src, 0, st.iteration)
-            memcpy(piece, st.data[src], st.nbytes[src])
-            p.rx_holds[st.held[src] - 1] -= 1
-            st.held[src] = 0
-            st.data[src] = piece
-            self.counters.spilled += 1
+            if st != NULL and st.held[src]:
+                rc = self.copy_out(st, src)
+                if rc < 0:
+                    return rc
+        st = self.held_list
+        while st != NULL:
+            if st.held[src]:
+                rc = self.copy_out(st, src)
+                if rc < 0:
+                    return rc
+            st = st.next_held
         self.release_slots(src)
         return RC_OK
+
+    cdef int copy_out(self, IterState* st, int src) noexcept nogil:
+        """Move ``src``'s record of ``st`` out of its ring slot into a piece."""
+        cdef char* piece = <char*>malloc(st.nbytes[src] if st.nbytes[src] else 1)
+        if piece == NULL:
+            return self.fail(RC_NOMEM, 0, NULL, src, 0, st.iteration)
+        memcpy(piece, st.data[src], st.nbytes[src])
+        self.peers[src].rx_holds[st.held[src] - 1] -= 1
+        st.held[src] = 0
+        st.data[src] = piece
+        self.counters.spilled += 1
+        return RC_OK
+
+    cdef void release_hold(self, int src, uint32_t held) noexcept nogil:
+        """A record read in place is done with: its slot may be freed."""
+        self.peers[src].rx_holds[held - 1] -= 1
+        self.release_slots(src)
+
+    cdef void unlist_held(self, IterState* st) noexcept nogil:
+        cdef IterState** link = &self.held_list
+        while link[0] != NULL:
+            if link[0] == st:
+                link[0] = st.next_held
+                st.next_held = NULL
+                return
+            link = &link[0].next_held
+
+    cdef void release_state_holds(self, IterState* st) noexcept nogil:
+        """Release every slot ``st`` still reads in place (it is assembled)."""
+        cdef int s
+        self.unlist_held(st)
+        for s in range(st.nranks):
+            if st.held[s]:
+                self.release_hold(s, st.held[s])
+                st.held[s] = 0
+                st.data[s] = NULL
 
     cdef int state_for(self, int64_t it, int src, IterState** out) noexcept nogil:
         """The receive state of iteration ``it``, created on first touch."""
@@ -234,7 +271,13 @@ cdef class RingReceiver(RingState):
         if st.out != NULL and st.out_bytes == st.total:
             dest = st.out
             st.filled_out = True
-        elif in_place or st.total >= IN_PLACE_BYTES:
+        elif in_place:
+            # Leave the records in their slots: the Request assembles them
+            # (one copy) or lends them as views (none).
+            st.next_held = self.held_list
+            self.held_list = st
+            dest = NULL
+        elif st.total >= IN_PLACE_BYTES:
             st.result = <char*>malloc(st.total if st.total else 1)
             if st.result == NULL:
                 return self.fail(RC_NOMEM, 0, NULL, -1, 0, st.iteration)
@@ -258,5 +301,6 @@ cdef class RingReceiver(RingState):
         self.window[st.iteration & self.window_mask] = NULL
         st.detached = True
         if st.orphaned:
+            self.release_state_holds(st)
             iter_state_free(st)
         return RC_OK

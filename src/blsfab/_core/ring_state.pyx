@@ -45,6 +45,11 @@ cdef class RingState:
     cdef uint32_t spin_mask             # empty polls between yields, minus one
     cdef uint64_t scratch_word
     cdef int nlocal                     # peers on the node-local path
+    # Completed iterations whose records are still read in place: the Request
+    # assembles them (or lends them as views) and releases the slots. Listed,
+    # so a sender blocked on credits can still have them copied out (spill).
+    cdef IterState* held_list
+    cdef readonly int64_t view_holds    # ring slots held by live views
     # One CQ batch; entries not yet handled survive a failed poll.
     cdef fi_cq_data_entry batch[16]
     cdef int batch_next, batch_len

@@ -107,6 +107,7 @@ cdef struct IterState:
     char* out               # the caller's receive buffer (wait(out=)), or NULL
     size_t out_bytes
     bint filled_out         # assembled into ``out`` at completion
+    IterState* next_held    # completed, still reading ring slots: the engine's list
 
 cdef struct SendItem:
     const char* data

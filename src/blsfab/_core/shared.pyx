@@ -186,6 +186,10 @@ cdef class SharedSegment:
             self.linked = False
             unlink_segment(self.name)
 
+    cdef void forget(self) noexcept:
+        """Keep the mapping for the life of the process (views still read it)."""
+        self.base = NULL
+
     def close(self):
         if self.base != NULL:
             munmap(self.base, self.nbytes)
