@@ -122,13 +122,17 @@ def worker(args) -> None:
     repeats = args.repeats
     comms = {}
 
-    def comm_for(bound, slot_bytes, progress="poll"):
-        key = (bound, slot_bytes, progress)
+    # One host: blsfab's default there is the node-local path (shared rings);
+    # the tcp jobs measure the provider itself.
+    default_local = "shared" if args.provider == "shm" else "fabric"
+
+    def comm_for(bound, slot_bytes, progress="poll", local=default_local):
+        key = (bound, slot_bytes, progress, local)
         if key not in comms:
             comms[key] = blsfab.Communicator(bound=bound, slot_bytes=slot_bytes,
                                              provider=args.provider, timeout=args.timeout,
                                              chain_threshold=args.chain_threshold,
-                                             progress=progress)
+                                             progress=progress, local=local)
         return comms[key]
 
     def log(msg):
@@ -191,8 +195,22 @@ def worker(args) -> None:
             for _ in range(n):
                 comm.ialltoallv(send, counts).wait(out=recv)
 
+        def blsfab_views(n, comm=bls):
+            for _ in range(n):
+                with comm.ialltoallv(send, counts).views():
+                    pass
+
         contenders = {"MPI_Alltoallv": mpi_blocking, "MPI_Ialltoallv": mpi_nonblocking,
-                      "blsfab": blsfab_one, "blsfab out=": blsfab_out}
+                      "blsfab": blsfab_one, "blsfab out=": blsfab_out,
+                      "blsfab views": blsfab_views}
+        if args.provider == "shm":
+            fab = comm_for(0, max(4096, nbytes + 64), local="fabric")
+
+            def blsfab_fabric(n, comm=fab):
+                for _ in range(n):
+                    comm.ialltoallv(send, counts).wait()
+
+            contenders["blsfab local=fabric"] = blsfab_fabric
         if floor is not None:
             if args.provider == "shm":
                 contenders["floor direct in place"] = floor.direct(nbytes, False)
@@ -321,7 +339,7 @@ def worker(args) -> None:
         log(f"  overlap {nbytes:>6} B +{compute * 1e6:.0f} us  " +
             "  ".join(f"{k2} {v:8.2f} us" for k2, v in row["us"].items()))
 
-    stats = {f"bound={b},slot={s},{p}": c.stats() for (b, s, p), c in comms.items()}
+    stats = {f"bound={b},slot={s},{p},local={l}": c.stats() for (b, s, p, l), c in comms.items()}
     for c in comms.values():
         c.close()
     if rank == 0:
