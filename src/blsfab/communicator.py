@@ -91,6 +91,9 @@ class Communicator:
         self._boot = _make_bootstrap(mpi_comm, store, rank, size, bootstrap)
         self.rank = self._boot.rank
         self.size = self._boot.size
+        # rxm sizes its queues for this many peers (and warns above 256); it is
+        # read when libfabric starts, so set it before the first provider query.
+        os.environ.setdefault("FI_UNIVERSE_SIZE", str(self.size))
         self.bound = bound
         self.timeout = float(timeout)
         self._chain: Optional[List[Request]] = None
@@ -214,6 +217,16 @@ class Communicator:
         """Blocking alltoallv: the received data, concatenated in rank order."""
         return self.ialltoallv(sendbuf, sendcounts).wait()
 
+    def dup(self) -> "Communicator":
+        """A new Communicator over the same ranks with the same options
+        (collective: every rank calls it). A Communicator serves the one thread
+        that first uses it; give every other thread its own dup()."""
+        engine = self.engine
+        return Communicator(bootstrap=self._boot, bound=self.bound, slot_bytes=self.slot_bytes,
+                            provider=self.provider, timeout=self.timeout,
+                            chain_threshold=self.chain_threshold, progress=self.progress_mode,
+                            ring_slots=engine.ring_slots)
+
     def progress(self) -> int:
         """Poll completions once; returns how many were handled."""
         return self.engine.make_progress()
@@ -233,7 +246,7 @@ class Communicator:
         if engine is None or engine.closed:
             return
         try:
-            self._boot.barrier(engine.make_progress, self.timeout)
+            self._boot.barrier(engine.progress_for_teardown, self.timeout)
         finally:
             engine.close()
             self._close_rings()

@@ -69,7 +69,21 @@ cdef extern from "<rdma/fabric.h>" nogil:
         size_t size
     struct fi_ep_attr:
         fi_ep_type type
+        uint32_t protocol
         size_t max_msg_size
+    uint32_t FI_PROTO_RDMA_CM_IB_XRC
+    enum fi_link_state:
+        FI_LINK_UNKNOWN
+        FI_LINK_DOWN
+        FI_LINK_UP
+    struct fi_device_attr:
+        char* name
+    struct fi_link_attr:
+        char* address
+        fi_link_state state
+    struct fid_nic:
+        fi_device_attr* device_attr
+        fi_link_attr* link_attr
     struct fi_domain_attr:
         char* name
         fi_threading threading
@@ -94,6 +108,7 @@ cdef extern from "<rdma/fabric.h>" nogil:
         fi_ep_attr* ep_attr
         fi_domain_attr* domain_attr
         fi_fabric_attr* fabric_attr
+        fid_nic* nic
 
     fi_info* fi_allocinfo()
     fi_info* fi_dupinfo(const fi_info* info)

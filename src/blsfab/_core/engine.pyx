@@ -3,15 +3,13 @@
 # arrives), ring_progress.pyx (polling, waiting, credits) and ring_send.pyx
 # (what leaves); ring_state.pyx turns failures into exceptions.
 
-import os as _os
-
 
 cdef uint64_t random_key(size_t key_bytes):
     """An unpredictable memory-region key of ``key_bytes`` bytes (at most 8), never 0."""
     cdef uint64_t key = 0
     cdef size_t n = key_bytes if 0 < key_bytes < 8 else 8
     while key == 0:
-        key = int.from_bytes(_os.urandom(n), "little")
+        key = int.from_bytes(os.urandom(n), "little")
     return key
 
 
@@ -210,7 +208,7 @@ cdef class RingEngine(RingSender):
         cdef bls_address_header_t hdr
         cdef bls_ring_address_t mine
         cdef bytes name
-        self.check_usable()
+        self.check_usable(False)
         if len(blobs) != self.size:
             raise ValueError(f"connect needs {self.size} address blobs, one per rank; "
                              f"got {len(blobs)}")
@@ -277,7 +275,8 @@ cdef class RingEngine(RingSender):
         this takes the connection cost out of the first iteration."""
         cdef int r, rc = RC_OK
         cdef double deadline = monotonic() + timeout
-        self.check_usable()
+        self.check_usable(False)
+        self.enter()
         with nogil:
             for r in range(self.size):
                 if r != self.rank:
@@ -287,6 +286,7 @@ cdef class RingEngine(RingSender):
                     rc = RC_OK
             if rc == RC_OK:
                 rc = self.wait_greeted(deadline)
+        self.leave()
         if rc == RC_TIMEOUT:
             missing = [r for r in range(self.size) if r != self.rank and not self.peers[r].greeted]
             raise BlsTimeoutError(
@@ -346,6 +346,7 @@ cdef class RingEngine(RingSender):
                            bint keep_gil) except -1:
         cdef uint64_t puts_before = self.counters.puts
         cdef int rc
+        self.enter()
         if keep_gil:
             # Releasing the GIL costs more than a small post; the wait
             # primitive releases it anyway if the post has to wait.
@@ -357,6 +358,7 @@ cdef class RingEngine(RingSender):
                 self.lock()
                 rc = self.post_items(items, m, deadline)
                 self.unlock()
+        self.leave()
         if rc < 0:
             self.post_failed(rc, requests, puts_before)
         return 0
@@ -414,7 +416,7 @@ cdef class RingEngine(RingSender):
     def wait_heard(self, int64_t need, double timeout):
         """Block, progressing, until every peer has posted ``need`` iterations.
         Returns the lead: iterations posted here beyond the slowest peer."""
-        self.check_usable()
+        self.check_usable(False)
         return self._await_heard(need, monotonic() + timeout, timeout)
 
     cdef int64_t _await_heard(self, int64_t need, double deadline, double timeout) except? -1:
@@ -422,10 +424,12 @@ cdef class RingEngine(RingSender):
         leaves the communicator usable: every post is complete."""
         cdef int rc
         if self.min_heard() < need:
+            self.enter()
             with nogil:
                 self.lock()
                 rc = self.wait_heard_nogil(need, deadline)
                 self.unlock()
+            self.leave()
             self.check_rc(rc, self.posted - 1, "", need, timeout)
         return self.note_lead()
 
@@ -448,18 +452,44 @@ cdef class RingEngine(RingSender):
     def make_progress(self):
         """Poll the completion queue once. Returns the number of completions."""
         cdef int n
-        self.check_usable()
+        self.check_usable(False)
         self.lock()
         n = self.progress()
         self.unlock()
         self.check_rc(n)
         return n
 
+    def progress_for_teardown(self):
+        """make_progress for the barrier of close(): any thread may close once
+        the owner is done, and a broken engine joins without polling."""
+        cdef int n
+        if self.closed or self.broken:
+            return 0
+        self.lock()
+        n = self.progress()
+        self.unlock()
+        self.check_rc(n)
+        return n
+
+    def _send_notification(self, int dst, uint32_t imm, double timeout=5.0):
+        """Testing only: send ``imm`` to ``dst`` as a bare notification, as a
+        hostile or corrupt peer could."""
+        cdef int rc
+        cdef double deadline = monotonic() + timeout
+        self.check_usable(False)
+        if not (0 <= dst < self.size) or dst == self.rank:
+            raise ValueError(f"dst={dst} is not a peer")
+        with nogil:
+            self.lock()
+            rc = self.notify(dst, imm, deadline)
+            self.unlock()
+        self.check_rc(rc)
+
     def _handle_notification(self, uint32_t imm):
         """Testing only: handle ``imm`` as if a peer's notification had just
         arrived, to check how forged or corrupt ones are treated."""
         cdef int rc
-        self.check_usable()
+        self.check_usable(False)
         self.lock()
         rc = self.on_notification(imm)
         self.unlock()
@@ -507,6 +537,7 @@ cdef class RingEngine(RingSender):
             "ring_slots": self.ring_slots, "slot_bytes": self.slot_bytes,
             "inject_limit": self.inject_limit, "selective_completion": self.selective,
             "fabric": self.info.fabric_name, "domain": self.info.domain_name,
+            "nic": self.info.chosen.get("device") if self.info.chosen else None,
         }
 
     # ---- lifetime -----------------------------------------------------------------
@@ -570,6 +601,9 @@ cdef class RingEngine(RingSender):
             self.close()
         except FabricError:
             pass  # nothing to report to from here; the memory stays allocated
+
+
+IMM_WANT = BLS_IMM_WANT
 
 
 def imm_encode(uint32_t kind, uint32_t rank, uint64_t count):

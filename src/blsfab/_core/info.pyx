@@ -1,5 +1,7 @@
 # FabricInfo: one fi_info, chosen for RDM endpoints with RMA writes and remote CQ data.
 
+import os
+
 # Every MR mode bit the engine can honour. The provider answers with the subset it needs.
 MR_MODE_SUPPORTED = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT
 MR_MODE_BITS = {"LOCAL": FI_MR_LOCAL, "VIRT_ADDR": FI_MR_VIRT_ADDR,
@@ -16,11 +18,62 @@ def library_version():
     return (FI_MAJOR(v), FI_MINOR(v))
 
 
+cdef dict describe_entry(fi_info* entry):
+    """What choose_entry() looks at in one fi_info of the list."""
+    cdef fid_nic* nic = entry.nic
+    link = None
+    device = None
+    if nic != NULL:
+        if nic.device_attr != NULL and nic.device_attr.name != NULL:
+            device = nic.device_attr.name.decode(errors="replace")
+        if nic.link_attr != NULL and nic.link_attr.state != FI_LINK_UNKNOWN:
+            link = nic.link_attr.state == FI_LINK_UP
+    return {
+        "provider": entry.fabric_attr.prov_name.decode(errors="replace")
+                    if entry.fabric_attr.prov_name != NULL else "",
+        "fabric": entry.fabric_attr.name.decode(errors="replace")
+                  if entry.fabric_attr.name != NULL else "",
+        "domain": entry.domain_attr.name.decode(errors="replace")
+                  if entry.domain_attr.name != NULL else "",
+        "xrc": entry.ep_attr.protocol == FI_PROTO_RDMA_CM_IB_XRC,
+        "device": device,
+        "link_up": link,
+    }
+
+
+def choose_entry(list candidates, env):
+    """Index of the fi_info entry to use, or None if none fits.
+
+    Deliberate rather than first-come: XRC and datagram domains are skipped
+    (blsfab wants reliable-connected queue pairs); a device named by
+    FI_VERBS_DEVICE_NAME or FI_VERBS_IFACE must match the entry's domain or
+    NIC (ValueError listing the choices if none does); otherwise the first
+    entry whose link is up, or not known to be down, wins.
+    """
+    usable = [i for i, c in enumerate(candidates)
+              if not c["xrc"] and not c["domain"].endswith(("-xrc", "-dgram"))]
+    wanted = env.get("FI_VERBS_DEVICE_NAME") or env.get("FI_VERBS_IFACE")
+    if wanted and any(candidates[i]["provider"].startswith("verbs") for i in usable):
+        named = [i for i in usable
+                 if wanted in (candidates[i]["domain"], candidates[i]["device"],
+                               candidates[i]["domain"].split("-")[0])]
+        if not named:
+            raise ValueError(f"no RDMA domain matches {wanted!r} (from FI_VERBS_DEVICE_NAME / "
+                             f"FI_VERBS_IFACE); available: "
+                             f"{sorted({candidates[i]['domain'] for i in usable})}")
+        usable = named
+    for i in usable:
+        if candidates[i]["link_up"] is not False:
+            return i
+    return None
+
+
 cdef class FabricInfo:
     """An owned ``fi_info`` describing one provider's RDM endpoint."""
 
     cdef fi_info* info
     cdef readonly str provider
+    cdef readonly dict chosen  # what choose_entry() saw of this entry
 
     def __cinit__(self):
         self.info = NULL
@@ -52,12 +105,29 @@ cdef class FabricInfo:
             fi_freeinfo(hints)
         if ret != 0 or found == NULL:
             return None
+        cdef fi_info* entry = found
+        candidates = []
+        while entry != NULL:
+            candidates.append(describe_entry(entry))
+            entry = entry.next
+        try:
+            chosen = choose_entry(candidates, os.environ)
+        except BaseException:
+            fi_freeinfo(found)
+            raise
+        if chosen is None:
+            fi_freeinfo(found)
+            return None
+        entry = found
+        for _ in range(chosen):
+            entry = entry.next
         cdef FabricInfo self = FabricInfo.__new__(FabricInfo)
-        # Keep the first match only; the rest of the list is freed.
-        self.info = fi_dupinfo(found)
+        # Keep the chosen entry only; the rest of the list is freed.
+        self.info = fi_dupinfo(entry)
         fi_freeinfo(found)
         if self.info == NULL:
             raise MemoryError("fi_dupinfo")
+        self.chosen = candidates[chosen]
         self.provider = self.info.fabric_attr.prov_name.decode()
         return self
 

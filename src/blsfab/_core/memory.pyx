@@ -1,9 +1,12 @@
 # RegisteredBuffer: whole pages of memory with one memory registration.
 
+# Access rights, by name, for RegisteredBuffer.
+MR_ACCESS = {"write": FI_WRITE, "remote_write": FI_REMOTE_WRITE}
+
 
 cdef class RegisteredBuffer:
-    """``nbytes`` of zeroed memory, rounded up to whole pages and page-aligned,
-    registered with ``access`` rights.
+    """``nbytes`` of zeroed memory, rounded up to whole pages and mapped on
+    its own, registered with ``access`` rights.
 
     Whole pages because verbs pins registered pages and marks them
     MADV_DONTFORK: a page shared with unrelated heap data would vanish from
@@ -30,8 +33,10 @@ cdef class RegisteredBuffer:
         if nbytes > (<size_t>-1) - page:
             raise ValueError(f"cannot register {nbytes} bytes")
         self.nbytes = max((nbytes + page - 1) // page * page, page)
-        if posix_memalign(&mem, page, self.nbytes) != 0:
-            raise MemoryError(f"cannot allocate {self.nbytes} bytes of ring memory")
+        # Straight from mmap, never the heap, whatever tune_malloc() did to it.
+        mem = mmap(NULL, self.nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if mem == MAP_FAILED:
+            raise MemoryError(f"cannot map {self.nbytes} bytes of ring memory")
         self.base = <char*>mem
         memset(self.base, 0, self.nbytes)  # touch every page now, not in the first iteration
         prov = domain.provider
@@ -62,7 +67,7 @@ cdef class RegisteredBuffer:
                 self.base = NULL  # leaked on purpose
                 raise
         if self.base != NULL:
-            free(self.base)
+            munmap(self.base, self.nbytes)
             self.base = NULL
 
     def __dealloc__(self):

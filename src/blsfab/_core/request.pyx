@@ -306,6 +306,7 @@ cdef class Request:
         if self.result is not None or self.views_taken:
             return True
         self.check_usable()
+        self.engine.check_not_broken()
         if not self.is_detached():
             self.engine.make_progress()
             if not self.is_detached():
@@ -374,14 +375,17 @@ cdef class Request:
         cdef int rc
         cdef double deadline
         cdef double limit
+        self.engine.check_not_broken()
         if not self.is_detached():
-            self.engine.check_usable()
+            self.engine.check_usable(False)
             limit = self.engine.default_timeout if timeout is None else timeout
             deadline = monotonic() + limit
+            self.engine.enter()
             with nogil:
                 self.engine.lock()
                 rc = self.engine.wait_state(self.state, deadline)
                 self.engine.unlock()
+            self.engine.leave()
             self.engine.check_rc(rc, self.iteration, "", -1, limit, self.state)
             self.check_usable()
         return 0

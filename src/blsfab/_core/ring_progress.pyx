@@ -15,8 +15,6 @@
 # A slot is therefore never overwritten before its receiver is done with it,
 # on any provider, including verbs where writes land without the target's CPU.
 
-from libc.string cimport strncpy
-
 
 cdef class RingProgress(RingReceiver):
 
@@ -151,7 +149,7 @@ cdef class RingProgress(RingReceiver):
         """Poll from a background thread (without the GIL) between calls, so
         data lands and credits flow while the caller computes."""
         import threading
-        self.check_usable()
+        self.check_usable(False)
         if self.threaded:
             return
         self.thread_stop = False

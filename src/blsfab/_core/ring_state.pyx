@@ -74,8 +74,9 @@ cdef class RingState:
     cdef fi_cq_err_entry err_entry      # an error completion, read where it was found
     cdef char err_text[256]
     cdef object broken                  # the BrokenError every later call raises
-    cdef unsigned long owner            # the thread this engine belongs to
+    cdef unsigned long owner            # the thread that issues iterations
     cdef bint owned
+    cdef unsigned long active_thread    # a thread inside a call without the GIL, or 0
     cdef readonly bint closed
     cdef public double default_timeout
     cdef readonly FabricInfo info
@@ -186,6 +187,12 @@ cdef class RingState:
             self.break_with(exc, iteration)
         raise exc
 
+    @property
+    def broken(self):
+        """True once a failure has broken the engine (every call then raises
+        BrokenError until close())."""
+        return self.broken is not None or self.thread_rc < 0
+
     cdef int break_with(self, object cause, int64_t iteration) except -1:
         if self.broken is None:
             self.broken = BrokenError(
@@ -194,8 +201,21 @@ cdef class RingState:
                 cause=cause, iteration=iteration, provider=self.provider)
         return 0
 
-    cdef int check_usable(self) except -1:
-        """Every call starts here: closed, broken, or not this thread's?"""
+    cdef int check_not_broken(self) except -1:
+        """For results already received: even those are refused once broken."""
+        if self.broken is not None:
+            raise self.broken
+        return 0
+
+    cdef int check_usable(self, bint issuing=True) except -1:
+        """Every call starts here: closed, broken, or not this thread's?
+
+        Which thread issues iterations decides how they pair with the
+        peers', so the first thread to issue one owns the communicator and
+        any other thread's ialltoallv/prepare/post is refused. Waiting and
+        polling may come from any thread, one at a time (the torch backend
+        completes works from a helper thread under its own lock), but never
+        while another thread is inside a call that released the GIL."""
         cdef unsigned long me
         cdef int thread_rc
         if self.closed:
@@ -209,11 +229,25 @@ cdef class RingState:
         if self.broken is not None:
             raise self.broken
         me = PyThread_get_thread_ident()
-        if not self.owned:
-            self.owner, self.owned = me, True
-        elif me != self.owner:
+        if self.active_thread != 0 and self.active_thread != me:
             raise RuntimeError(
-                f"rank {self.rank}: this communicator belongs to thread {self.owner} and was "
-                f"called from thread {me}; a communicator serves one thread: give each thread "
-                "its own with comm.dup()")
+                f"rank {self.rank}: thread {me} called this communicator while thread "
+                f"{self.active_thread} is inside a call on it; a communicator serves one thread: "
+                "give each thread its own with comm.dup()")
+        if issuing:
+            if not self.owned:
+                self.owner, self.owned = me, True
+            elif me != self.owner:
+                raise RuntimeError(
+                    f"rank {self.rank}: this communicator belongs to thread {self.owner}, which "
+                    f"issued its iterations, and thread {me} tried to issue one; iterations "
+                    "from two threads would pair with the wrong peers' data: give each thread "
+                    "its own with comm.dup()")
         return 0
+
+    cdef inline void enter(self):
+        """Mark this thread as inside a call that releases the GIL."""
+        self.active_thread = PyThread_get_thread_ident()
+
+    cdef inline void leave(self):
+        self.active_thread = 0

@@ -32,7 +32,10 @@ cdef object view_array(bint is_torch, object dtype, int typenum, char* data, siz
     cdef cnp.npy_intp dims[1]
     cdef cnp.ndarray arr
     if nbytes == 0:
-        return allocate_like(is_torch, dtype, typenum, 0, &data)
+        empty = allocate_like(is_torch, dtype, typenum, 0, &data)
+        if not is_torch:
+            empty.flags.writeable = False
+        return empty
     if typenum >= 0 and not is_torch:
         dims[0] = nbytes // itemsize
         arr = cnp.PyArray_SimpleNewFromData(1, dims, typenum, data)
