@@ -145,6 +145,7 @@ class Communicator:
             raise ValueError(f"ranks disagree on the node-local path ({choices}); pass the same "
                              "local= and provider= (or none) on every rank")
         group = [r for r, h in enumerate(self._hosts) if h == self._hosts[self.rank]]
+        self.local = "shared" if use else "fabric"  # resolved: dup() keeps it
         if not use:
             return None
         # Every rank joins the set-up (it is collective), even one alone on its host.
@@ -225,7 +226,7 @@ class Communicator:
         return Communicator(bootstrap=self._boot, bound=self.bound, slot_bytes=self.slot_bytes,
                             provider=self.provider, timeout=self.timeout,
                             chain_threshold=self.chain_threshold, progress=self.progress_mode,
-                            ring_slots=engine.ring_slots)
+                            ring_slots=engine.ring_slots, local=self.local)
 
     def progress(self) -> int:
         """Poll completions once; returns how many were handled."""
@@ -234,7 +235,7 @@ class Communicator:
     def stats(self) -> dict:
         s = self.engine.counters_dict()
         s.update(rank=self.rank, size=self.size, bound=self.bound, provider=self.provider,
-                 iteration=self.iteration)
+                 iteration=self.iteration, local=self.local)
         return s
 
     # ---- lifetime -----------------------------------------------------------
