@@ -236,6 +236,10 @@ class Communicator:
         s = self.engine.counters_dict()
         s.update(rank=self.rank, size=self.size, bound=self.bound, provider=self.provider,
                  iteration=self.iteration, local=self.local)
+        # Rings and staging grow by two slots per unit of bound (2*bound + 2 slots).
+        memory = s["ring_bytes"] + s["staging_bytes"] + s["shared_bytes"]
+        s["memory_bytes"] = memory
+        s["bytes_per_bound_unit"] = 2 * memory // max(1, s["ring_slots"])
         return s
 
     # ---- lifetime -----------------------------------------------------------
