@@ -17,6 +17,8 @@ PATHS = {
     "shared-out": {"BLSFAB_LOCAL": "shared", "BLSFAB_TEST_RECEIVE": "out"},
     "shared-views": {"BLSFAB_LOCAL": "shared", "BLSFAB_TEST_RECEIVE": "views"},
     "fabric-views": {"BLSFAB_LOCAL": "fabric", "BLSFAB_TEST_RECEIVE": "views"},
+    # every non-empty record to a fabric peer straight from the send buffer
+    "zero-copy": {"BLSFAB_LOCAL": "fabric", "BLSFAB_ZERO_COPY_BYTES": "1"},
 }
 
 

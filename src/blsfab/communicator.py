@@ -22,6 +22,11 @@ Request = _core.Request
 SPIN_POLLS = 4096
 SPIN_POLLS_OVERSUBSCRIBED = 1
 
+# Records at least this large go to fabric peers straight from the send buffer
+# (2-iov writes, no staging copy); BLSFAB_ZERO_COPY_BYTES overrides, 0 turns it off.
+# Not yet tuned: the in-place receive threshold, where copies start to dominate.
+ZERO_COPY_BYTES = 16384
+
 # Paths between ranks of one host (Communicator's local=).
 LOCAL_MODES = ("auto", "shared", "fabric")
 
@@ -111,6 +116,8 @@ class Communicator:
         engine = _core.RingEngine(info, self.rank, self.size, slot_bytes, ring_slots,
                                   2 * (bound + MAX_CHAIN) + 8)
         engine.default_timeout = self.timeout
+        engine.set_zero_copy(_check_int("BLSFAB_ZERO_COPY_BYTES", int(os.environ.get(
+            "BLSFAB_ZERO_COPY_BYTES", ZERO_COPY_BYTES)), 0))
         oversubscribed = self._ranks_on_host > (os.cpu_count() or 1)
         engine.set_spin_polls(SPIN_POLLS_OVERSUBSCRIBED if oversubscribed else SPIN_POLLS)
         if chain_threshold is not None:

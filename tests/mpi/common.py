@@ -83,3 +83,5 @@ def check_paths(stats):
         return
     peers = [p for r, p in enumerate(stats["paths"]) if r != world.rank]
     expect(all(p == want for p in peers), f"BLSFAB_LOCAL={local} but paths are {stats['paths']}")
+    if want == "fabric" and os.environ.get("BLSFAB_ZERO_COPY_BYTES") == "1":
+        expect(stats["zero_copy"] > 0, f"no zero-copy write: {stats}")

@@ -77,6 +77,9 @@ cdef class RingEngine(RingSender):
         self.window = <IterState**>calloc(wsize, sizeof(IterState*))
         self.peers = <Peer*>calloc(size, sizeof(Peer))
         self.tx_ctx = <TxContext*>calloc(size * ring_slots, sizeof(TxContext))
+        self.tx_zero_copy = <IterState**>calloc(size * ring_slots, sizeof(IterState*))
+        if self.tx_zero_copy == NULL:
+            raise MemoryError("engine bookkeeping")
         if self.window == NULL or self.peers == NULL or self.tx_ctx == NULL:
             raise MemoryError("engine bookkeeping")
 
@@ -264,6 +267,15 @@ cdef class RingEngine(RingSender):
             self.nlocal += 1
         self.shared_rings = rings
 
+    def set_zero_copy(self, size_t threshold):
+        """Send records of at least ``threshold`` bytes (0: none) to fabric
+        peers straight from the caller's buffer, in a 2-iov write with the
+        header from staging. Providers that need local registration
+        (FI_MR_LOCAL, e.g. verbs) keep staging: the caller's memory is not
+        registered. Returns the threshold in effect."""
+        self.zero_copy_bytes = 0 if self.info.mr_mode & FI_MR_LOCAL else threshold
+        return self.zero_copy_bytes
+
     def paths(self):
         """How each rank is reached: 'self', 'shared' (node-local rings) or 'fabric'."""
         return ["self" if r == self.rank else "shared" if self.peers[r].local else "fabric"
@@ -299,11 +311,24 @@ cdef class RingEngine(RingSender):
 
     cdef int wait_heard_nogil(self, int64_t need, double deadline) noexcept nogil:
         cdef int rc
-        while self.min_heard() < need:
+        # Iterations below ``need`` must be complete when this returns, so
+        # their zero-copy writes must be done too.
+        while self.min_heard() < need or self.writes_pending_before(need):
             rc = self.wait_step(deadline, -1)
             if rc < 0:
                 return rc
         return RC_OK
+
+    cdef bint writes_pending_before(self, int64_t need) noexcept nogil:
+        cdef int64_t i
+        cdef IterState* st
+        if self.zero_copy_inflight == 0:
+            return False
+        for i in range(self.window_mask + 1):
+            st = self.window[i]
+            if st != NULL and st.iteration < need and st.tx_pending > 0:
+                return True
+        return False
 
     cdef int wait_state(self, IterState* st, double deadline) noexcept nogil:
         cdef int rc
@@ -423,7 +448,7 @@ cdef class RingEngine(RingSender):
         """The bounded-lag wait; returns the lead it leaves. A timeout here
         leaves the communicator usable: every post is complete."""
         cdef int rc
-        if self.min_heard() < need:
+        if self.min_heard() < need or self.writes_pending_before(need):
             self.enter()
             with nogil:
                 self.lock()
@@ -527,7 +552,8 @@ cdef class RingEngine(RingSender):
             "credits_sent": c.credits_sent, "credit_requests": c.credit_requests,
             "eagain_retries": c.eagain,
             "early_arrivals": c.early_arrivals, "in_place": c.in_place,
-            "spilled": c.spilled, "max_lead": c.max_lead,
+            "spilled": c.spilled, "max_lead": c.max_lead, "zero_copy": c.zero_copy,
+            "zero_copy_bytes": self.zero_copy_bytes,
             "mean_lead": (<double>c.lead_sum / c.lead_samples) if c.lead_samples else 0.0,
             "ring_bytes": sum(b.nbytes for b in self.rx_regions if b is not None)
                           if self.rx_regions is not None else 0,

@@ -137,6 +137,9 @@ cdef class Request:
                     self.engine.release_state_holds(st)
                 iter_state_free(st)
             else:
+                if st.tx_pending > 0 and not self.engine.closed:
+                    # Our writes still read the send buffer, which dies with us.
+                    self.engine.drain_writes(st, monotonic() + self.engine.default_timeout)
                 st.out = NULL
                 src = st.borrowed_src
                 if src >= 0 and st.have[src] and st.nbytes[src]:

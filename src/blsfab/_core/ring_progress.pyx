@@ -54,12 +54,36 @@ cdef class RingProgress(RingReceiver):
                 if rc < 0:
                     self.fatal = True
                     return rc
+            elif self.zero_copy_bytes:
+                rc = self.on_write_done(e.op_context)
+                if rc < 0:
+                    self.fatal = True
+                    return rc
         if self.credits_due:
             rc = self.return_credits()
             if rc < 0:
                 self.fatal = True
                 return rc
         return handled
+
+    cdef int on_write_done(self, void* context) noexcept nogil:
+        """Our write completed: a zero-copy one no longer reads the send
+        buffer, and its iteration may complete."""
+        cdef char* first = <char*>self.tx_ctx
+        cdef size_t i
+        cdef IterState* st
+        if <char*>context < first or <char*>context >= first + <size_t>self.size * self.ring_slots * sizeof(TxContext):
+            return RC_OK
+        i = (<char*>context - first) // sizeof(TxContext)
+        st = self.tx_zero_copy[i]
+        if st == NULL:
+            return RC_OK
+        self.tx_zero_copy[i] = NULL
+        st.tx_pending -= 1
+        self.zero_copy_inflight -= 1
+        if st.tx_pending == 0 and st.posted and st.arrived == st.nranks and not st.detached:
+            return self.complete(st)
+        return RC_OK
 
     cdef void read_cq_error(self) noexcept nogil:
         """Keep the error completion at the head of the CQ for the report."""

@@ -254,7 +254,7 @@ cdef class RingReceiver(RingState):
         st.arrived += 1
         if not st.posted:
             self.counters.early_arrivals += 1
-        elif st.arrived == st.nranks:
+        elif st.arrived == st.nranks and st.tx_pending == 0:
             return self.complete(st)
         return RC_OK
 

@@ -49,6 +49,12 @@ cdef class RingState:
     # assembles them (or lends them as views) and releases the slots. Listed,
     # so a sender blocked on credits can still have them copied out (spill).
     cdef IterState* held_list
+    # Zero-copy send: records of at least zero_copy_bytes (0: off) go out from
+    # the caller's buffer; tx_zero_copy[i] is the iteration whose write uses
+    # tx_ctx[i], until its local completion.
+    cdef readonly size_t zero_copy_bytes
+    cdef IterState** tx_zero_copy
+    cdef int64_t zero_copy_inflight
     cdef readonly int64_t view_holds    # ring slots held by live views
     # One CQ batch; entries not yet handled survive a failed poll.
     cdef fi_cq_data_entry batch[16]
@@ -99,6 +105,7 @@ cdef class RingState:
                 free(self.peers[r].rx_holds)
             free(self.peers)
         free(self.tx_ctx)
+        free(self.tx_zero_copy)
         free(self.window)
         pthread_mutex_destroy(&self.mutex)
 

@@ -108,6 +108,7 @@ cdef struct IterState:
     size_t out_bytes
     bint filled_out         # assembled into ``out`` at completion
     IterState* next_held    # completed, still reading ring slots: the engine's list
+    int tx_pending          # zero-copy writes still reading the send buffer
 
 cdef struct SendItem:
     const char* data
@@ -129,6 +130,7 @@ cdef struct Counters:
     uint64_t early_arrivals
     uint64_t in_place         # records read in place from a ring
     uint64_t spilled          # of those, copied out early for a blocked sender
+    uint64_t zero_copy        # writes whose payload went straight from the send buffer
     int64_t max_lead
     uint64_t lead_sum
     uint64_t lead_samples
