@@ -78,7 +78,8 @@ cdef class RingEngine(RingSender):
         self.peers = <Peer*>calloc(size, sizeof(Peer))
         self.tx_ctx = <TxContext*>calloc(size * ring_slots, sizeof(TxContext))
         self.tx_zero_copy = <IterState**>calloc(size * ring_slots, sizeof(IterState*))
-        if self.tx_zero_copy == NULL:
+        self.zero_copy_ctx = <TxContext*>calloc(size * ring_slots, sizeof(TxContext))
+        if self.tx_zero_copy == NULL or self.zero_copy_ctx == NULL:
             raise MemoryError("engine bookkeeping")
         if self.window == NULL or self.peers == NULL or self.tx_ctx == NULL:
             raise MemoryError("engine bookkeeping")

@@ -69,7 +69,7 @@ cdef class RingProgress(RingReceiver):
     cdef int on_write_done(self, void* context) noexcept nogil:
         """Our write completed: a zero-copy one no longer reads the send
         buffer, and its iteration may complete."""
-        cdef char* first = <char*>self.tx_ctx
+        cdef char* first = <char*>self.zero_copy_ctx
         cdef size_t i
         cdef IterState* st
         if <char*>context < first or <char*>context >= first + <size_t>self.size * self.ring_slots * sizeof(TxContext):

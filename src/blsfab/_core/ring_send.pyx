@@ -120,10 +120,16 @@ cdef class RingSender(RingProgress):
         rma.addr, rma.len, rma.key = p.ring_addr + pos * self.slot_bytes, header + n, p.key
         msg.msg_iov, msg.desc, msg.iov_count = iov, desc, 2
         msg.addr, msg.rma_iov, msg.rma_iov_count = p.addr, &rma, 1
-        msg.context = &self.tx_ctx[i].ctx
+        msg.context = &self.zero_copy_ctx[i].ctx
         msg.data = bls_imm_encode(BLS_KIND_DATA, self.rank, seq)
         if more:
             flags |= FI_MORE
+        # The receiver may free a slot before our write of it completes here:
+        # its context is reused only once that completion is in.
+        while self.tx_zero_copy[i] != NULL:
+            rc = self.wait_step(deadline, dst)
+            if rc < 0:
+                return rc
         while True:
             ret = fi_writemsg(self.ep, &msg, flags)
             if ret == 0:

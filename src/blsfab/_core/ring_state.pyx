@@ -54,6 +54,7 @@ cdef class RingState:
     # tx_ctx[i], until its local completion.
     cdef readonly size_t zero_copy_bytes
     cdef IterState** tx_zero_copy
+    cdef TxContext* zero_copy_ctx       # contexts of zero-copy writes only
     cdef int64_t zero_copy_inflight
     cdef readonly int64_t view_holds    # ring slots held by live views
     # One CQ batch; entries not yet handled survive a failed poll.
@@ -106,6 +107,7 @@ cdef class RingState:
             free(self.peers)
         free(self.tx_ctx)
         free(self.tx_zero_copy)
+        free(self.zero_copy_ctx)
         free(self.window)
         pthread_mutex_destroy(&self.mutex)
 
