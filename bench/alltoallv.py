@@ -2,6 +2,7 @@
 
     python bench/alltoallv.py              # the whole sweep: P=2,4 x (shm|vader, tcp|tcp)
     python bench/alltoallv.py --quick      # fewer sizes and repeats
+    python bench/alltoallv.py --provider shm --nprocs 2 --sizes 4096,65536 --sections latency
 
 The launcher runs one mpirun job per (P, provider), with Open MPI's matching
 transport (blsfab on shm against --mca btl vader,self; blsfab on tcp;ofi_rxm
@@ -11,7 +12,11 @@ is the slowest rank's. The launcher prints medians and blsfab/MPI ratios,
 and writes bench/results/alltoallv.json and one PNG per (P, provider).
 
 Sections:
-  latency    one alltoallv per iteration, 8 B to 1 MiB per peer
+  latency    one alltoallv per iteration, 8 B to 1 MiB per peer; blsfab returning a
+             new array (wait()) and into a given one (wait(out=)), beside the floor:
+             the same exchange by a C loop with no Python (bench/floor.c), through a
+             direct shared mapping (read in place, or copied out) and through
+             libfabric writedata; the benchmark builds it with mpicc
   batch      m = 1, 8, 26 small alltoallvs per step, chained and unchained
   pipeline   n alltoallvs with at most k outstanding (k = bound), calls per second
   overlap    the same pipeline (k = 2) with compute between calls: progress by
@@ -34,10 +39,74 @@ SIZES = [8, 64, 512, 4096, 32768, 262144, 1 << 20]
 QUICK_SIZES = [8, 512, 4096, 65536, 1 << 20]
 BATCH_SIZES = [8, 64, 512]
 BATCH_M = [1, 8, 26]
-PIPE_SIZES = [8, 512, 4096]
+PIPE_SIZES = [8, 512, 4096, 65536]
 PIPE_K = [0, 1, 4, 8]
 OVERLAP = [(8, 10e-6), (4096, 20e-6), (65536, 50e-6)]  # (bytes per peer, compute per call)
 JOBS = [("shm", "vader,self"), ("tcp", "tcp,self")]
+SECTIONS = ["latency", "batch", "pipeline", "overlap"]
+FABRIC_NAMES = {"shm": "shm", "tcp": "tcp;ofi_rxm"}
+FLOOR_SOURCE = os.path.join(HERE, "floor.c")
+FLOOR_LIBRARY = os.path.join(HERE, "build", "libblsfloor.so")
+
+
+# --------------------------------------------------------------------------- floor
+
+def build_floor() -> str:
+    """Compile bench/floor.c into a shared library with mpicc; '' if impossible."""
+    os.makedirs(os.path.dirname(FLOOR_LIBRARY), exist_ok=True)
+    if (os.path.exists(FLOOR_LIBRARY)
+            and os.path.getmtime(FLOOR_LIBRARY) >= os.path.getmtime(FLOOR_SOURCE)):
+        return FLOOR_LIBRARY
+    cmd = ["mpicc", "-O2", "-shared", "-fPIC", "-o", FLOOR_LIBRARY, FLOOR_SOURCE, "-lfabric"]
+    try:
+        subprocess.run(cmd, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no floor rows: {' '.join(cmd)} failed ({exc})", flush=True)
+        return ""
+    return FLOOR_LIBRARY
+
+
+class Floor:
+    """The C floor loops of bench/floor.c, called through ctypes."""
+
+    def __init__(self, path, comm):
+        import ctypes
+
+        lib = ctypes.CDLL(path)
+        vp, sz, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+        for name, res, args in [("floor_direct_open", vp, [i, sz]),
+                                ("floor_direct_run", ctypes.c_double, [vp, i, i]),
+                                ("floor_direct_close", None, [vp]),
+                                ("floor_fabric_open", vp, [i, sz, ctypes.c_char_p]),
+                                ("floor_fabric_run", ctypes.c_double, [vp, i]),
+                                ("floor_fabric_error", ctypes.c_char_p, [vp]),
+                                ("floor_fabric_close", None, [vp])]:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self.lib, self.fcomm = lib, comm.py2f()
+        self.handles = []
+
+    def direct(self, nbytes, copy_out):
+        h = self.lib.floor_direct_open(self.fcomm, nbytes)
+        self.handles.append((self.lib.floor_direct_close, h))
+        return lambda n: self.lib.floor_direct_run(h, n, int(copy_out))
+
+    def fabric(self, nbytes, provider):
+        h = self.lib.floor_fabric_open(self.fcomm, nbytes, provider.encode())
+        self.handles.append((self.lib.floor_fabric_close, h))
+        err = self.lib.floor_fabric_error(h)
+        if err:
+            raise RuntimeError(f"floor on {provider}: {err.decode()}")
+
+        def run(n):
+            if self.lib.floor_fabric_run(h, n) < 0:
+                raise RuntimeError(f"floor on {provider}: {self.lib.floor_fabric_error(h).decode()}")
+        return run
+
+    def close(self):
+        for close, h in self.handles:
+            close(h)
+        self.handles = []
 
 
 # --------------------------------------------------------------------------- worker
@@ -53,13 +122,17 @@ def worker(args) -> None:
     repeats = args.repeats
     comms = {}
 
-    def comm_for(bound, slot_bytes, progress="poll"):
-        key = (bound, slot_bytes, progress)
+    # One host: blsfab's default there is the node-local path (shared rings);
+    # the tcp jobs measure the provider itself.
+    default_local = "shared" if args.provider == "shm" else "fabric"
+
+    def comm_for(bound, slot_bytes, progress="poll", local=default_local):
+        key = (bound, slot_bytes, progress, local)
         if key not in comms:
             comms[key] = blsfab.Communicator(bound=bound, slot_bytes=slot_bytes,
                                              provider=args.provider, timeout=args.timeout,
                                              chain_threshold=args.chain_threshold,
-                                             progress=progress)
+                                             progress=progress, local=local)
         return comms[key]
 
     def log(msg):
@@ -94,13 +167,17 @@ def worker(args) -> None:
     def iterations_for(nbytes):
         return int(min(2000, max(30, 400000 // (nbytes * size + 2000))))
 
-    out = {"P": size, "provider": args.provider, "latency": [], "batch": [], "pipeline": []}
+    out = {"P": size, "provider": args.provider, "latency": [], "batch": [], "pipeline": [],
+           "overlap": []}
+    floor = Floor(args.floor_lib, world) if args.floor_lib else None
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
 
     # ---- latency ---------------------------------------------------------------
-    for nbytes in (QUICK_SIZES if args.quick else SIZES):
+    for nbytes in (sizes if "latency" in args.sections else []):
         sspec, rspec, send = mpi_buffers(nbytes)
         counts = [nbytes] * size
         bls = comm_for(0, max(4096, nbytes + 64))
+        recv = np.empty(nbytes * size, dtype=np.uint8)
 
         def mpi_blocking(n):
             for _ in range(n):
@@ -114,15 +191,41 @@ def worker(args) -> None:
             for _ in range(n):
                 comm.ialltoallv(send, counts).wait()
 
-        med, samples = measure({"MPI_Alltoallv": mpi_blocking, "MPI_Ialltoallv": mpi_nonblocking,
-                                "blsfab": blsfab_one}, iterations_for(nbytes))
+        def blsfab_out(n, comm=bls):
+            for _ in range(n):
+                comm.ialltoallv(send, counts).wait(out=recv)
+
+        def blsfab_views(n, comm=bls):
+            for _ in range(n):
+                with comm.ialltoallv(send, counts).views():
+                    pass
+
+        contenders = {"MPI_Alltoallv": mpi_blocking, "MPI_Ialltoallv": mpi_nonblocking,
+                      "blsfab": blsfab_one, "blsfab out=": blsfab_out,
+                      "blsfab views": blsfab_views}
+        if args.provider == "shm":
+            fab = comm_for(0, max(4096, nbytes + 64), local="fabric")
+
+            def blsfab_fabric(n, comm=fab):
+                for _ in range(n):
+                    comm.ialltoallv(send, counts).wait()
+
+            contenders["blsfab local=fabric"] = blsfab_fabric
+        if floor is not None:
+            if args.provider == "shm":
+                contenders["floor direct in place"] = floor.direct(nbytes, False)
+                contenders["floor direct copy-out"] = floor.direct(nbytes, True)
+            contenders["floor fabric"] = floor.fabric(nbytes, FABRIC_NAMES[args.provider])
+        med, samples = measure(contenders, iterations_for(nbytes))
+        if floor is not None:
+            floor.close()
         row = {"bytes": nbytes, "us": {k: v * 1e6 for k, v in med.items()},
                "samples_us": {k: [x * 1e6 for x in v] for k, v in samples.items()}}
         out["latency"].append(row)
         log(f"  latency {nbytes:>8} B  " + "  ".join(f"{k} {v:8.2f} us" for k, v in row["us"].items()))
 
     # ---- batches of small alltoallvs -----------------------------------------------
-    for nbytes in BATCH_SIZES:
+    for nbytes in (BATCH_SIZES if "batch" in args.sections else []):
         for m in BATCH_M:
             sspec, rspec, send = mpi_buffers(nbytes)
             counts = [nbytes] * size
@@ -154,7 +257,7 @@ def worker(args) -> None:
             log(f"  batch {nbytes:>4} B m={m:>2}  " + "  ".join(f"{k} {v:8.2f} us" for k, v in row["us"].items()))
 
     # ---- pipelined throughput ----------------------------------------------------------
-    for nbytes in PIPE_SIZES:
+    for nbytes in (PIPE_SIZES if "pipeline" in args.sections else []):
         sspec, rspec, send = mpi_buffers(nbytes)
         counts = [nbytes] * size
         n = 400
@@ -165,7 +268,7 @@ def worker(args) -> None:
 
         contenders = {"MPI_Alltoallv": mpi_calls}
         for k in PIPE_K:
-            bls = comm_for(k, 4096 + 64)
+            bls = comm_for(k, max(4096, nbytes) + 64)
 
             def bls_pipe(n, k=k, comm=bls):
                 fifo = []
@@ -194,14 +297,12 @@ def worker(args) -> None:
         log(f"  pipeline {nbytes:>5} B  " + "  ".join(f"{k} {v / 1e3:7.1f}k/s" for k, v in row["calls_per_s"].items()))
 
     # ---- overlap: compute between calls; who makes progress meanwhile? ---------------
-    out["overlap"] = []
-
     def spin(seconds):
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             pass
 
-    for nbytes, compute in OVERLAP:
+    for nbytes, compute in (OVERLAP if "overlap" in args.sections else []):
         sspec, rspec, send = mpi_buffers(nbytes)
         counts = [nbytes] * size
         k = 2
@@ -238,7 +339,7 @@ def worker(args) -> None:
         log(f"  overlap {nbytes:>6} B +{compute * 1e6:.0f} us  " +
             "  ".join(f"{k2} {v:8.2f} us" for k2, v in row["us"].items()))
 
-    stats = {f"bound={b},slot={s},{p}": c.stats() for (b, s, p), c in comms.items()}
+    stats = {f"bound={b},slot={s},{p},local={l}": c.stats() for (b, s, p, l), c in comms.items()}
     for c in comms.values():
         c.close()
     if rank == 0:
@@ -256,6 +357,7 @@ def launch(args) -> int:
     env.pop("FI_PROVIDER", None)
     jobs = []
     t_start = time.time()
+    floor_lib = build_floor()
     for provider, btl in JOBS:
         if args.provider and provider != args.provider:
             continue
@@ -265,7 +367,10 @@ def launch(args) -> int:
                    "-np", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--provider", provider, "--json", path, "--repeats", str(args.repeats),
                    "--chain-threshold", str(args.chain_threshold),
-                   "--timeout", str(args.timeout)] + (["--quick"] if args.quick else [])
+                   "--timeout", str(args.timeout), "--sections", ",".join(args.sections),
+                   "--floor-lib", floor_lib] + (["--quick"] if args.quick else [])
+            if args.sizes:
+                cmd += ["--sizes", ",".join(map(str, args.sizes))]
             print(f"[{time.time() - t_start:6.0f} s] P={P} blsfab {provider} vs Open MPI btl {btl}",
                   flush=True)
             subprocess.run(cmd, env=env, check=True)
@@ -275,47 +380,126 @@ def launch(args) -> int:
                "jobs": jobs}
     with open(os.path.join(RESULTS, "alltoallv.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    report(jobs)
+    text = report(jobs)
+    print(text)
+    with open(os.path.join(RESULTS, "alltoallv.txt"), "w") as f:
+        f.write(f"$ {summary['command']}\n{text}\n")
     plot(jobs)
-    print(f"\nwrote {os.path.relpath(RESULTS)}/alltoallv.json and plots in "
+    print(f"\nwrote {os.path.relpath(RESULTS)}/alltoallv.json, alltoallv.txt and plots in "
           f"{time.time() - t_start:.0f} s")
     return 0
 
 
-def report(jobs) -> None:
+def report(jobs) -> str:
+    lines = []
+    say = lines.append
     for job in jobs:
         P, prov = job["P"], job["provider"]
-        print(f"\n== P={P}, blsfab on {prov} vs Open MPI ({'vader' if prov == 'shm' else 'tcp'}): "
-              "latency per alltoallv, median us ==")
-        print(f"{'bytes/peer':>10} {'MPI_Alltoallv':>14} {'MPI_Ialltoallv':>15} {'blsfab':>9} "
-              f"{'blsfab/MPI':>11}")
-        for row in job["latency"]:
-            us = row["us"]
-            print(f"{row['bytes']:>10} {us['MPI_Alltoallv']:>14.2f} {us['MPI_Ialltoallv']:>15.2f} "
-                  f"{us['blsfab']:>9.2f} {us['blsfab'] / us['MPI_Alltoallv']:>11.2f}")
-        print("-- batches of m small alltoallvs per step, median us per step --")
-        print(f"{'bytes':>6} {'m':>3} {'MPI x m':>9} {'unchained':>10} {'chained':>9} "
-              f"{'unch/MPI':>9} {'chained/MPI':>12}")
-        for row in job["batch"]:
-            us = row["us"]
-            mpi = us["MPI_Alltoallv x m"]
-            print(f"{row['bytes']:>6} {row['m']:>3} {mpi:>9.2f} {us['blsfab unchained']:>10.2f} "
-                  f"{us['blsfab chained']:>9.2f} {us['blsfab unchained'] / mpi:>9.2f} "
-                  f"{us['blsfab chained'] / mpi:>12.2f}")
-        print("-- pipelined throughput, thousand calls/s (ratio to blocking MPI_Alltoallv) --")
-        for row in job["pipeline"]:
-            c = row["calls_per_s"]
-            base = c["MPI_Alltoallv"]
-            cells = [f"MPI {base / 1e3:.1f}k"] + [
-                f"{name} {v / 1e3:.1f}k ({v / base:.2f}x)" for name, v in c.items()
-                if name != "MPI_Alltoallv"]
-            print(f"{row['bytes']:>6} B: " + ", ".join(cells))
-        print("-- overlap: k = 2 outstanding, compute between calls, median us per call --")
-        for row in job.get("overlap", []):
-            us = row["us"]
-            print(f"{row['bytes']:>6} B + {row['compute_us']:.0f} us compute: " +
-                  ", ".join(f"{k} {v:.1f}" for k, v in us.items()) +
-                  f"  (thread/poll {us['blsfab thread'] / us['blsfab poll']:.2f})")
+        if job["latency"]:
+            names = list(job["latency"][0]["us"])
+            say(f"\n== P={P}, blsfab on {prov} vs Open MPI ({'vader' if prov == 'shm' else 'tcp'}): "
+                "latency per alltoallv, median us (ratio to MPI_Alltoallv) ==")
+            say(f"{'bytes/peer':>10} " + " ".join(f"{n:>22}" for n in names))
+            for row in job["latency"]:
+                us = row["us"]
+                mpi = us["MPI_Alltoallv"]
+                say(f"{row['bytes']:>10} " + " ".join(
+                    f"{us[n]:>14.2f} ({us[n] / mpi:5.2f})" for n in names))
+        if job["batch"]:
+            say("-- batches of m small alltoallvs per step, median us per step --")
+            say(f"{'bytes':>6} {'m':>3} {'MPI x m':>9} {'unchained':>10} {'chained':>9} "
+                f"{'unch/MPI':>9} {'chained/MPI':>12}")
+            for row in job["batch"]:
+                us = row["us"]
+                mpi = us["MPI_Alltoallv x m"]
+                say(f"{row['bytes']:>6} {row['m']:>3} {mpi:>9.2f} {us['blsfab unchained']:>10.2f} "
+                    f"{us['blsfab chained']:>9.2f} {us['blsfab unchained'] / mpi:>9.2f} "
+                    f"{us['blsfab chained'] / mpi:>12.2f}")
+        if job["pipeline"]:
+            say("-- pipelined throughput, thousand calls/s (ratio to blocking MPI_Alltoallv) --")
+            for row in job["pipeline"]:
+                c = row["calls_per_s"]
+                base = c["MPI_Alltoallv"]
+                cells = [f"MPI {base / 1e3:.1f}k"] + [
+                    f"{name} {v / 1e3:.1f}k ({v / base:.2f}x)" for name, v in c.items()
+                    if name != "MPI_Alltoallv"]
+                say(f"{row['bytes']:>6} B: " + ", ".join(cells))
+        if job.get("overlap"):
+            say("-- overlap: k = 2 outstanding, compute between calls, median us per call --")
+            for row in job["overlap"]:
+                us = row["us"]
+                say(f"{row['bytes']:>6} B + {row['compute_us']:.0f} us compute: " +
+                    ", ".join(f"{k} {v:.1f}" for k, v in us.items()) +
+                    f"  (thread/poll {us['blsfab thread'] / us['blsfab poll']:.2f})")
+    say("\n== targets (issue 9): worst ratio over the sizes each row covers ==")
+    for name, target, value, detail in targets(jobs):
+        verdict = ("info" if target is None else "n/a " if value is None
+                   else "met " if target(value) else "MISS")
+        shown = "-" if value is None else f"{value:.2f}"
+        say(f"{verdict} {name:<62} {shown:>6}  {detail}")
+    return "\n".join(lines)
+
+
+def targets(jobs):
+    """(row, test, worst measured ratio or None, where it came from) per target."""
+    def latency_ratio(provider, contender, lo, hi, base="MPI_Alltoallv", nprocs=(2, 4)):
+        worst, where = None, ""
+        for job in jobs:
+            if job["provider"] != provider or job["P"] not in nprocs:
+                continue
+            for row in job["latency"]:
+                us = row["us"]
+                if lo <= row["bytes"] <= hi and contender in us:
+                    r = us[contender] / us[base]
+                    if worst is None or r > worst:
+                        worst, where = r, f"P={job['P']} {row['bytes']} B"
+        return worst, where
+
+    def pipeline_ratio(hi):
+        worst, where = None, ""
+        for job in jobs:
+            if job["provider"] != "shm":
+                continue
+            for row in job["pipeline"]:
+                c = row["calls_per_s"]
+                if row["bytes"] <= hi and "blsfab k=4" in c:
+                    r = c["blsfab k=4"] / c["MPI_Alltoallv"]
+                    if worst is None or r < worst:
+                        worst, where = r, f"P={job['P']} {row['bytes']} B"
+        return worst, where
+
+    def chained_26():
+        for job in jobs:
+            if job["provider"] == "shm" and job["P"] == 2:
+                for row in job["batch"]:
+                    if row["bytes"] == 512 and row["m"] == 26:
+                        us = row["us"]
+                        return us["blsfab chained"] / us["MPI_Alltoallv x m"], "P=2 512 B m=26"
+        return None, ""
+
+    le = lambda t: (lambda v: v <= t)  # noqa: E731
+    rows = [
+        ("one host, 4 KiB-1 MiB, zero-copy views <= 0.8", le(0.8),
+         *latency_ratio("shm", "blsfab views", 4096, 1 << 20)),
+        ("one host, 4 KiB-1 MiB, plain wait() <= 1.0", le(1.0),
+         *latency_ratio("shm", "blsfab", 4096, 1 << 20)),
+        ("one host, below 4 KiB, plain wait() <= 1.0", le(1.0),
+         *latency_ratio("shm", "blsfab", 0, 4095)),
+        ("shm provider forced (local='fabric'), 4 KiB-1 MiB <= 1.2", le(1.2),
+         *latency_ratio("shm", "blsfab local=fabric", 4096, 1 << 20)),
+        ("tcp;ofi_rxm vs btl tcp, every size, plain wait() <= 1.0", le(1.0),
+         *latency_ratio("tcp", "blsfab", 0, 1 << 30)),
+        ("pipelined calls/s at k=4, up to 64 KiB, one host >= 1.5x MPI", lambda v: v >= 1.5,
+         *pipeline_ratio(65536)),
+        ("26 chained 512 B calls, shm P=2 <= 0.3x 26 MPI calls", le(0.3), *chained_26()),
+    ]
+    for prov in ("shm", "tcp"):
+        for name in ("floor direct in place", "floor direct copy-out", "floor fabric"):
+            value, where = latency_ratio(prov, name, 0, 1 << 30)
+            if value is not None:
+                rows.append((f"(limit) {name} on {prov}, worst over sizes", None,
+                             value, where))
+    return rows
 
 
 def plot(jobs) -> None:
@@ -327,6 +511,8 @@ def plot(jobs) -> None:
         print("matplotlib missing: no plots")
         return
     for job in jobs:
+        if not job["latency"]:
+            continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         xs = [r["bytes"] for r in job["latency"]]
         for name in job["latency"][0]["us"]:
@@ -356,6 +542,11 @@ def main() -> int:
                     help="blsfab chain_threshold (default: the library's)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--timeout", type=float, default=60.0, help="blsfab wait timeout (s)")
+    ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="latency sizes in bytes per peer, e.g. 4096,65536")
+    ap.add_argument("--sections", type=lambda s: s.split(","), default=SECTIONS,
+                    help="subset of " + ",".join(SECTIONS))
+    ap.add_argument("--floor-lib", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.chain_threshold is None:
         args.chain_threshold = -1

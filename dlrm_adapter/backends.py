@@ -268,12 +268,14 @@ class BLS(Backend):
         if self.poll_s > 0:
             _poll_until(req.test, self.poll_s, self.timeout,
                         f"rank {self.comm.rank}: blsfab exchange")
-        data = req.wait()
-        got = [int(c) for c in req.recvcounts]
-        if expected is not None and got != expected:
-            raise RuntimeError(f"blsfab delivered counts {got} per source, expected {expected}")
-        if isinstance(data, np.ndarray):
-            data = torch.from_numpy(data)
+        # Per-source views into the rings, gathered once into the flat input.
+        with req.views() as parts:
+            got = [int(c) for c in req.recvcounts]
+            if expected is not None and got != expected:
+                raise RuntimeError(f"blsfab delivered counts {got} per source, expected "
+                                   f"{expected}")
+            parts = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in parts]
+            data = torch.cat(parts) if parts else torch.empty(0)
         return data
 
     def quiesce(self) -> None:

@@ -6,6 +6,7 @@ rings are, timeouts, and bootstrap. The transport is blsfab._core.RingEngine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from . import _core
 from . import provider as _provider
 from .bootstrap import MPIBootstrap, geometry_mismatch, hostname, run_step
 from .errors import ClosedError, FabricError, TimeoutError
+from .node_local import NodeLocalRings, check_job_token, new_job_token, sigterm_raises
 
 Request = _core.Request
 
@@ -25,6 +27,14 @@ SPIN_POLLS_OVERSUBSCRIBED = 1
 
 # Share of the construction timeout kept for the last step after the warm-up.
 GREET_RESERVE = 0.2
+
+# Records at least this large go to fabric peers straight from the send buffer
+# (2-iov writes, no staging copy); BLSFAB_ZERO_COPY_BYTES overrides, 0 turns it off.
+# Not yet tuned: the in-place receive threshold, where copies start to dominate.
+ZERO_COPY_BYTES = 16384
+
+# Paths between ranks of one host (Communicator's local=).
+LOCAL_MODES = ("auto", "shared", "fabric")
 
 # Iterations one chain may hold before it is posted; sizes the receive window.
 MAX_CHAIN = 64
@@ -70,6 +80,13 @@ class Communicator:
     ``barrier(progress, timeout)`` can also be given as ``bootstrap`` (see
     blsfab.bootstrap).
 
+    ``local`` chooses the path between ranks on the same host: "auto" (the
+    default, or $BLSFAB_LOCAL) uses node-local shared-memory rings unless a
+    ``provider`` is forced; "shared" always uses them; "fabric" never does,
+    so every peer goes through the libfabric provider. Other hosts are always
+    reached through the provider. ``stats()["paths"]`` says which path each
+    rank uses.
+
     ``ring_slots`` (advanced) overrides the slots per sender ring, 2*bound + 2 by
     default. Fewer slots save memory, but posts may then wait for credits
     (counted in ``stats()["blocked_posts"]``); correctness does not change.
@@ -79,8 +96,9 @@ class Communicator:
                  provider: Optional[str] = None, timeout: float = 60.0,
                  chain_threshold: Optional[int] = None, progress: Optional[str] = None,
                  ring_slots: Optional[int] = None, store=None, rank: Optional[int] = None,
-                 size: Optional[int] = None, bootstrap=None):
+                 size: Optional[int] = None, bootstrap=None, local: Optional[str] = None):
         self._engine = None
+        self._rings: Optional[NodeLocalRings] = None
         self._chain: Optional[List[Request]] = None
         timeout_ok = (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
                       and timeout > 0 and math.isfinite(timeout))
@@ -98,6 +116,8 @@ class Communicator:
         if progress is None:
             progress = os.environ.get("BLSFAB_PROGRESS", "poll")
         self.progress_mode = progress
+        if local is None:
+            local = os.environ.get("BLSFAB_LOCAL", "auto")
 
         # Step 1: arguments, provider and geometry. Every rank reports what it
         # has (or why it failed), so every rank raises the same error.
@@ -106,10 +126,18 @@ class Communicator:
                 raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
             if provider is not None and not isinstance(provider, str):
                 raise TypeError(f"provider must be a str such as 'shm'; got {provider!r}")
+            if local not in LOCAL_MODES:
+                raise ValueError(f"local={local!r}: use one of "
+                                 f"{', '.join(map(repr, LOCAL_MODES))}")
             geometry = _geometry(bound, slot_bytes, ring_slots, chain_threshold, progress)
+            # Whether same-host peers share rings changes where slots land,
+            # so every rank must make the same choice.
+            geometry["shared_rings"] = int(local == "shared" or
+                                           (local == "auto" and provider is None))
             return json.dumps({"host": hostname(), "usable": providers(),
                                "requested": provider, "env": os.environ.get("FI_PROVIDER"),
-                               "geometry": geometry}).encode()
+                               "geometry": geometry,
+                               "token": new_job_token() if self.rank == 0 else None}).encode()
 
         hellos = [_read_hello(h, r) for r, h in
                   enumerate(run_step(self._boot, "blsfab.Communicator construction (arguments)",
@@ -121,8 +149,15 @@ class Communicator:
         name = self._agree_on_provider(hellos)
         self.slot_bytes = geometry["slot_bytes"]
         ring_slots = geometry["ring_slots"]
+        self.local = "shared" if geometry["shared_rings"] else "fabric"  # resolved: dup() keeps it
+        local_group = [r for r, h in enumerate(hellos) if h["host"] == hellos[self.rank]["host"]]
+        shared = self.local == "shared" and len(local_group) > 1
+        token = check_job_token(hellos[0]["token"]) if shared else ""
+        zero_copy = _check_int("BLSFAB_ZERO_COPY_BYTES",
+                               int(os.environ.get("BLSFAB_ZERO_COPY_BYTES", ZERO_COPY_BYTES)), 0)
 
-        # Step 2: allocate and register the rings; exchange addresses.
+        # Step 2: allocate and register the rings (and create our node-local
+        # segment); exchange addresses.
         engine = None
 
         def build() -> bytes:
@@ -132,35 +167,50 @@ class Communicator:
                 raise FabricError(f"provider {name!r} is not usable on rank {self.rank}")
             engine = _core.RingEngine(info, self.rank, self.size, self.slot_bytes, ring_slots,
                                       2 * (bound + MAX_CHAIN) + 8)
+            engine.set_zero_copy(zero_copy)
+            if shared:
+                self._rings = NodeLocalRings(self.rank, local_group, token, ring_slots,
+                                             self.slot_bytes)
             return engine.local_address()
 
-        try:
-            addresses = run_step(self._boot, "blsfab.Communicator construction (rings)", build,
-                                 self.timeout)
+        # While segment names exist, a SIGTERM from mpirun must still unlink them.
+        with sigterm_raises() if shared else contextlib.nullcontext():
+            try:
+                addresses = run_step(self._boot, "blsfab.Communicator construction (rings)",
+                                     build, self.timeout)
 
-            # Step 3: connect and warm every connection; report the outcome.
-            # The warm-up waits on peers, so it shares the step's deadline.
-            deadline = time.monotonic() + self.timeout
+                # Step 3: connect, map the node-local peers' segments and warm
+                # every connection; report the outcome. The warm-up waits on
+                # peers, so it shares the step's deadline.
+                deadline = time.monotonic() + self.timeout
 
-            def connect() -> bytes:
-                engine.default_timeout = self.timeout
-                oversubscribed = self._ranks_on_host > (os.cpu_count() or 1)
-                engine.set_spin_polls(SPIN_POLLS_OVERSUBSCRIBED if oversubscribed
-                                      else SPIN_POLLS)
-                if chain_threshold is not None:
-                    engine.set_inject_limit(chain_threshold + _core.SLOT_OVERHEAD)
-                engine.connect(addresses)
-                # Leave the step a moment to hear why a silent peer is silent.
-                engine.greet(max(deadline - time.monotonic() - GREET_RESERVE * self.timeout,
-                                 0.001))
-                return b""
+                def connect() -> bytes:
+                    engine.default_timeout = self.timeout
+                    oversubscribed = self._ranks_on_host > (os.cpu_count() or 1)
+                    engine.set_spin_polls(SPIN_POLLS_OVERSUBSCRIBED if oversubscribed
+                                          else SPIN_POLLS)
+                    if chain_threshold is not None:
+                        engine.set_inject_limit(chain_threshold + _core.SLOT_OVERHEAD)
+                    engine.connect(addresses)
+                    if self._rings is not None:
+                        self._rings.attach()  # step 2 created every segment
+                        engine.use_shared_rings(self._rings)
+                    # Leave the step a moment to hear why a silent peer is silent.
+                    engine.greet(max(deadline - time.monotonic()
+                                     - GREET_RESERVE * self.timeout, 0.001))
+                    return b""
 
-            run_step(self._boot, "blsfab.Communicator construction (connections)", connect,
-                     self.timeout, engine.make_progress, deadline)
-        except BaseException:
-            if engine is not None:
-                engine.close()
-            raise
+                run_step(self._boot, "blsfab.Communicator construction (connections)",
+                         connect, self.timeout, engine.make_progress, deadline)
+            except BaseException:
+                if engine is not None:
+                    engine.close()
+                if self._rings is not None:
+                    self._rings.abandon()
+                    self._rings = None
+                raise
+        if self._rings is not None:
+            self._rings.unlink_own()  # every local peer mapped it in step 3
         if os.environ.get("BLSFAB_MALLOC_TUNING", "1") != "0":
             _core.tune_malloc(max(256 << 20, 4 * self.size * self.slot_bytes))
         if progress == "thread":
@@ -200,7 +250,8 @@ class Communicator:
     def ialltoallv(self, sendbuf, sendcounts: Sequence[int]) -> Request:
         """Post one iteration: ``sendcounts[j]`` elements of ``sendbuf`` go to rank j,
         in rank order. Returns once every peer has posted iteration - bound.
-        ``sendbuf`` may be reused as soon as this returns (outside a chain)."""
+        Send-buffer rule, as in MPI: ``sendbuf`` must stay unchanged until the
+        request completes (``wait()`` returned or ``test()`` gave True)."""
         if self._chain is None:
             return self._engine.ialltoallv(sendbuf, sendcounts, self.bound, self.timeout)
         req = self._engine.prepare(sendbuf, sendcounts)
@@ -219,7 +270,7 @@ class Communicator:
         the block ends: their messages to each peer travel packed in one write
         (split over several slots only when they exceed ``slot_bytes``). Each
         Request still completes and returns its own data. Send buffers must
-        stay unchanged until the block ends. If the block raises, the calls
+        stay unchanged until their requests complete. If the block raises, the calls
         issued before the exception are still posted, so every Request stays
         valid. Nested chains join the outer one."""
         self.engine  # raise now if closed
@@ -237,7 +288,7 @@ class Communicator:
         return Communicator(bootstrap=self._boot, bound=self.bound, slot_bytes=self.slot_bytes,
                             provider=self.provider, timeout=self.timeout,
                             chain_threshold=self.chain_threshold, progress=self.progress_mode,
-                            ring_slots=engine.ring_slots)
+                            ring_slots=engine.ring_slots, local=self.local)
 
     def progress(self) -> int:
         """Poll completions once; returns how many were handled."""
@@ -246,7 +297,11 @@ class Communicator:
     def stats(self) -> dict:
         s = self.engine.counters_dict()
         s.update(rank=self.rank, size=self.size, bound=self.bound, provider=self.provider,
-                 iteration=self.iteration)
+                 iteration=self.iteration, local=self.local)
+        # Rings and staging grow by two slots per unit of bound (2*bound + 2 slots).
+        memory = s["ring_bytes"] + s["staging_bytes"] + s["shared_bytes"]
+        s["memory_bytes"] = memory
+        s["bytes_per_bound_unit"] = 2 * memory // max(1, s["ring_slots"])
         return s
 
     # ---- lifetime -----------------------------------------------------------
@@ -266,6 +321,12 @@ class Communicator:
                                "is released anyway", ranks=exc.ranks) from None
         finally:
             engine.close()
+            self._close_rings()
+
+    def _close_rings(self) -> None:
+        if self._rings is not None:
+            self._rings.close()
+            self._rings = None
 
     def __enter__(self) -> "Communicator":
         return self
@@ -276,6 +337,7 @@ class Communicator:
         elif self._engine is not None:
             # Unwinding from an error: peers may be gone, so skip the barrier.
             self._engine.close()
+            self._close_rings()
 
     def __repr__(self) -> str:
         closed = self._engine is None or self._engine.closed
@@ -352,7 +414,8 @@ def _read_hello(payload: bytes, rank: int) -> dict:
         ok = (isinstance(hello, dict) and isinstance(hello.get("host"), str)
               and isinstance(hello.get("usable"), list)
               and all(isinstance(u, str) for u in hello["usable"])
-              and all(isinstance(hello.get(k), (str, type(None))) for k in ("requested", "env"))
+              and all(isinstance(hello.get(k), (str, type(None)))
+                      for k in ("requested", "env", "token"))
               and isinstance(hello.get("geometry"), dict)
               and all(isinstance(v, int) for v in hello["geometry"].values()))
     except (UnicodeDecodeError, ValueError):

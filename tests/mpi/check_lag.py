@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import blsfab
-from common import expect, world
+from common import check_paths, expect, receive, scribble, world
 
 provider, bound, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ring_slots = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
@@ -38,6 +38,7 @@ rng = random.Random(1234 + rank)
 comm = blsfab.Communicator(bound=bound, slot_bytes=(1 << 12) * scale, provider=provider, timeout=60,
                            ring_slots=ring_slots)
 pending = {}
+sent = {}  # send buffers, scribbled over once their request completes
 group = 2 if chained else 1
 for first in range(0, iters, group):
     its = range(first, min(first + group, iters))
@@ -51,6 +52,7 @@ for first in range(0, iters, group):
     with comm.chain() if chained else contextlib.nullcontext():
         for it, (buf, counts) in zip(its, bufs):
             pending[it] = comm.ialltoallv(buf, counts)
+            sent[it] = buf
     last = its[-1]
     # Outside view of the bound: iteration last - bound must be complete now.
     if last - bound in pending:
@@ -60,7 +62,8 @@ for first in range(0, iters, group):
     while len(pending) > bound + 1 or (pending and last == iters - 1):
         old = min(pending)
         req = pending.pop(old)
-        out = req.wait()
+        out = receive(req, sum(counts_of(old, s)[rank] for s in range(size)), sent[old])
+        scribble(sent.pop(old))
         expect(req.recvcounts == [counts_of(old, s)[rank] for s in range(size)],
                f"iteration {old}: recvcounts {req.recvcounts}")
         want = np.concatenate([encode(old, s, rank, np.arange(counts_of(old, s)[rank],
@@ -68,6 +71,7 @@ for first in range(0, iters, group):
                                for s in range(size)])
         expect(np.array_equal(out, want), f"iteration {old}: corrupt or misplaced data")
 st = comm.stats()
+check_paths(st)
 comm.close()
 leads = world.gather((st["max_lead"], st["mean_lead"], st["blocked_posts"]), root=0)
 paths = world.gather((st["in_place"], st["spilled"]), root=0)

@@ -68,6 +68,44 @@ cdef object describe_buffer(object buf, BufferView* view):
                     f"got {type(buf).__module__}.{type(buf).__qualname__}")
 
 
+cdef int describe_output(object out, bint is_torch, object dtype, BufferView* view) except -1:
+    """Fill ``view`` for a receive buffer given to wait(out=): a C-contiguous,
+    writable numpy array or CPU tensor of the sent kind and dtype, any shape."""
+    cdef cnp.ndarray arr
+    kind = "a CPU torch.Tensor" if is_torch else "a numpy.ndarray"
+    if not is_torch and isinstance(out, cnp.ndarray):
+        arr = <cnp.ndarray>out
+        if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+            raise ValueError("out must be C-contiguous; got a strided array")
+        if not cnp.PyArray_ISWRITEABLE(arr):
+            raise ValueError("out is read-only; pass a writable array")
+        if out.dtype != dtype:
+            raise TypeError(f"out has dtype {out.dtype} but the data sent is {dtype}")
+        view.data = <char*>cnp.PyArray_DATA(arr)
+        view.nelems = cnp.PyArray_SIZE(arr)
+        view.itemsize = cnp.PyArray_ITEMSIZE(arr)
+        view.is_torch = False
+        return 0
+    tensor_type = torch_tensor_type()
+    if is_torch and tensor_type is not None and isinstance(out, tensor_type):
+        if not out.is_cpu:
+            raise ValueError(f"out must be a CPU tensor; got one on device {out.device}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous; got a strided tensor")
+        if out.dtype != dtype:
+            raise TypeError(f"out has dtype {out.dtype} but the data sent is {dtype}")
+        if out.requires_grad:
+            raise ValueError("out requires grad; pass out.detach() (received data is not "
+                             "differentiable)")
+        view.data = <char*><uintptr_t>out.data_ptr()
+        view.nelems = out.numel()
+        view.itemsize = out.element_size()
+        view.is_torch = True
+        return 0
+    raise TypeError(f"out must be {kind}, the kind of buffer sent; got "
+                    f"{type(out).__module__}.{type(out).__qualname__}")
+
+
 cdef dict _dtype_codes = {}
 _DTYPE_KINDS = {"f": "float", "i": "int", "u": "uint", "c": "complex"}
 

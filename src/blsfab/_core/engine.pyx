@@ -42,6 +42,7 @@ cdef class RingEngine(RingSender):
     cdef AddressVector av_obj
     cdef Endpoint ep_obj
     cdef list rx_regions                # per sender rank: its ring, its own key
+    cdef object shared_rings            # node_local.NodeLocalRings, while in use
     cdef RegisteredBuffer tx_region
 
     def __cinit__(self, FabricInfo info not None, int rank, int size, size_t slot_bytes,
@@ -76,6 +77,10 @@ cdef class RingEngine(RingSender):
         self.window = <IterState**>calloc(wsize, sizeof(IterState*))
         self.peers = <Peer*>calloc(size, sizeof(Peer))
         self.tx_ctx = <TxContext*>calloc(size * ring_slots, sizeof(TxContext))
+        self.tx_zero_copy = <IterState**>calloc(size * ring_slots, sizeof(IterState*))
+        self.zero_copy_ctx = <TxContext*>calloc(size * ring_slots, sizeof(TxContext))
+        if self.tx_zero_copy == NULL or self.zero_copy_ctx == NULL:
+            raise MemoryError("engine bookkeeping")
         if self.window == NULL or self.peers == NULL or self.tx_ctx == NULL:
             raise MemoryError("engine bookkeeping")
 
@@ -231,6 +236,53 @@ cdef class RingEngine(RingSender):
             p.scratch_addr = mine.addr + <uint64_t>self.ring_slots * self.slot_bytes
             p.key = mine.key
 
+    def use_shared_rings(self, rings):
+        """Move the same-host peers of ``rings`` (a node_local.NodeLocalRings
+        with this engine's geometry) onto the node-local path. Call it on
+        every rank of the host after connect() and before any traffic."""
+        cdef SharedSegment own, theirs
+        cdef Peer* p
+        cdef int r, mine, yours
+        self.check_usable()
+        if self.posted or self.reserved:
+            raise RuntimeError("use_shared_rings() must come before the first iteration")
+        own = rings.own
+        if own is None or own.ring_slots != <uint64_t>self.ring_slots or own.slot_bytes != self.slot_bytes:
+            raise ValueError(f"shared rings of {own!r} do not match ring_slots="
+                             f"{self.ring_slots}, slot_bytes={self.slot_bytes}")
+        for r in rings.local:
+            if r == self.rank:
+                continue
+            if not 0 <= r < self.size:
+                raise ValueError(f"local rank {r} is not in 0..{self.size - 1}")
+            theirs = rings.peers[r]
+            mine = rings.ring_index(self.rank, r)    # r's ring in our segment
+            yours = rings.ring_index(r, self.rank)   # our ring in r's segment
+            p = &self.peers[r]
+            p.rx_ring = own.slots(mine)
+            p.rx_published = own.landed_words(mine)
+            p.rx_consumed_word = own.consumed_word(mine)
+            p.tx_shared = theirs.slots(yours)
+            p.tx_published = theirs.landed_words(yours)
+            p.tx_consumed = theirs.consumed_word(yours)
+            p.local = True
+            self.nlocal += 1
+        self.shared_rings = rings
+
+    def set_zero_copy(self, size_t threshold):
+        """Send records of at least ``threshold`` bytes (0: none) to fabric
+        peers straight from the caller's buffer, in a 2-iov write with the
+        header from staging. Providers that need local registration
+        (FI_MR_LOCAL, e.g. verbs) keep staging: the caller's memory is not
+        registered. Returns the threshold in effect."""
+        self.zero_copy_bytes = 0 if self.info.mr_mode & FI_MR_LOCAL else threshold
+        return self.zero_copy_bytes
+
+    def paths(self):
+        """How each rank is reached: 'self', 'shared' (node-local rings) or 'fabric'."""
+        return ["self" if r == self.rank else "shared" if self.peers[r].local else "fabric"
+                for r in range(self.size)]
+
     def greet(self, double timeout):
         """Warm every connection: one bare notification to each peer, then wait
         until every peer's has arrived. tcp;ofi_rxm connects on demand, so
@@ -261,11 +313,24 @@ cdef class RingEngine(RingSender):
 
     cdef int wait_heard_nogil(self, int64_t need, double deadline) noexcept nogil:
         cdef int rc
-        while self.min_heard() < need:
+        # Iterations below ``need`` must be complete when this returns, so
+        # their zero-copy writes must be done too.
+        while self.min_heard() < need or self.writes_pending_before(need):
             rc = self.wait_step(deadline, -1)
             if rc < 0:
                 return rc
         return RC_OK
+
+    cdef bint writes_pending_before(self, int64_t need) noexcept nogil:
+        cdef int64_t i
+        cdef IterState* st
+        if self.zero_copy_inflight == 0:
+            return False
+        for i in range(self.window_mask + 1):
+            st = self.window[i]
+            if st != NULL and st.iteration < need and st.tx_pending > 0:
+                return True
+        return False
 
     cdef int wait_state(self, IterState* st, double deadline) noexcept nogil:
         cdef int rc
@@ -385,7 +450,7 @@ cdef class RingEngine(RingSender):
         """The bounded-lag wait; returns the lead it leaves. A timeout here
         leaves the communicator usable: every post is complete."""
         cdef int rc
-        if self.min_heard() < need:
+        if self.min_heard() < need or self.writes_pending_before(need):
             self.enter()
             with nogil:
                 self.lock()
@@ -489,10 +554,13 @@ cdef class RingEngine(RingSender):
             "credits_sent": c.credits_sent, "credit_requests": c.credit_requests,
             "eagain_retries": c.eagain,
             "early_arrivals": c.early_arrivals, "in_place": c.in_place,
-            "spilled": c.spilled, "max_lead": c.max_lead,
+            "spilled": c.spilled, "max_lead": c.max_lead, "zero_copy": c.zero_copy,
+            "zero_copy_bytes": self.zero_copy_bytes,
             "mean_lead": (<double>c.lead_sum / c.lead_samples) if c.lead_samples else 0.0,
             "ring_bytes": sum(b.nbytes for b in self.rx_regions if b is not None)
                           if self.rx_regions is not None else 0,
+            "shared_bytes": self.shared_rings.mapped_bytes if self.shared_rings is not None else 0,
+            "paths": self.paths(),
             "staging_bytes": self.tx_region.nbytes if self.tx_region is not None else 0,
             "ring_slots": self.ring_slots, "slot_bytes": self.slot_bytes,
             "inject_limit": self.inject_limit, "selective_completion": self.selective,
@@ -510,6 +578,7 @@ cdef class RingEngine(RingSender):
         close is reported (FabricError) after everything else is released;
         memory whose registration could not be closed is never freed."""
         cdef int64_t i
+        cdef int s
         cdef IterState* st
         if self.closed:
             return
@@ -526,8 +595,25 @@ cdef class RingEngine(RingSender):
                 # Reserved iterations belong to their Request, which frees them.
                 if st.orphaned or st.iteration >= self.reserved:
                     iter_state_free(st)
+        # Completed iterations still reading rings: copy their records out, so
+        # their Requests can still assemble them once the rings are gone.
+        while self.held_list != NULL:
+            st = self.held_list
+            self.held_list = st.next_held
+            st.next_held = NULL
+            for s in range(st.nranks):
+                if st.held[s] and self.copy_out(st, s) < 0:
+                    st.closed = True  # out of memory: the Request reports the close
+                    st.held[s] = 0
+                    st.data[s] = NULL
         failures = []
         regions = [b for b in (self.rx_regions or []) if b is not None]
+        if self.view_holds:
+            # Live views still read these rings: keep their memory (until exit).
+            for ring in regions:
+                (<RegisteredBuffer>ring).base = NULL
+            if self.shared_rings is not None and self.shared_rings.own is not None:
+                (<SharedSegment>self.shared_rings.own).forget()
         for obj in [self.ep_obj, *regions, self.tx_region, self.av_obj, self.cq_obj,
                     self.domain_obj, self.fabric_obj]:
             if obj is None:

@@ -76,7 +76,13 @@ cdef class Request:
 
     ``test()`` makes progress and reports completion; ``wait()`` returns the
     received data, the messages of all ranks concatenated in rank order, as
-    the same kind of buffer (numpy array or CPU tensor) and dtype that was sent.
+    the same kind of buffer (numpy array or CPU tensor) and dtype that was sent;
+    ``wait(out=buf)`` writes it into ``buf`` instead.
+
+    Send-buffer rule, as in MPI: the send buffer must stay unchanged until the
+    request completes (its own part is copied straight from it into the
+    result). Once the request is complete, changing it changes nothing anyone
+    received.
     """
 
     cdef RingEngine engine
@@ -89,6 +95,8 @@ cdef class Request:
     cdef bint abandoned         # its post failed before anything left
     cdef size_t itemsize
     cdef object result
+    cdef object out_ref         # the buffer of wait(out=) while the engine may write it
+    cdef bint views_taken       # the data went out as views()
     cdef list _recvcounts
     # send side, held from prepare() until the iteration is posted
     cdef SendItem item
@@ -169,8 +177,8 @@ cdef class Request:
         self.abandoned = True
 
     cdef void release_send(self):
-        """Forget the send buffer once its data is copied out."""
-        self.sendbuf = None
+        """Drop the counts once posted. The send buffer stays referenced until
+        the result is assembled: this rank's own part is read from it then."""
         free(self.counts_displs)
         self.counts_displs = NULL
         self.item.counts = NULL
@@ -178,22 +186,83 @@ cdef class Request:
 
     def __dealloc__(self):
         free(self.counts_displs)
-        if self.state != NULL:
+        cdef IterState* st = self.state
+        cdef int src
+        cdef char* piece
+        if st != NULL:
             if self.engine is not None:
                 self.engine.lock()
-            if self.state.detached:
-                iter_state_free(self.state)
+            if st.detached:
+                if self.engine is not None:
+                    self.engine.release_state_holds(st)
+                iter_state_free(st)
             else:
-                self.state.orphaned = True  # the engine frees it on completion
+                if st.tx_pending > 0 and not self.engine.closed:
+                    # Our writes still read the send buffer, which dies with us.
+                    self.engine.drain_writes(st, monotonic() + self.engine.default_timeout)
+                st.out = NULL
+                src = st.borrowed_src
+                if src >= 0 and st.have[src] and st.nbytes[src]:
+                    # The send buffer dies with us; keep what the engine may still read.
+                    piece = <char*>malloc(st.nbytes[src])
+                    if piece != NULL:
+                        memcpy(piece, st.data[src], st.nbytes[src])
+                    st.data[src] = piece
+                st.borrowed_src = -1
+                st.orphaned = True  # the engine frees it on completion
             if self.engine is not None:
                 self.engine.unlock()
             self.state = NULL
 
-    cdef int finish(self) except -1:
-        """Build the result from the per-source pieces and free them."""
+    cdef int finish(self, object out=None) except -1:
+        """Build the result from the per-source pieces, into ``out`` when given
+        (validated by the caller), and free them."""
         cdef IterState* st = self.state
-        cdef char* out = NULL
+        cdef char* dest = NULL
         cdef size_t offset = 0
+        cdef int s
+        cdef BufferView view
+        self.check_sources()
+        if out is not None:
+            describe_output(out, self.is_torch, self.dtype, &view)
+            if <size_t>view.nelems * view.itemsize != st.total:
+                out = None  # still complete the request; report the mismatch below
+        if st.filled_out:
+            result = out  # assembled there by the engine at completion
+        elif st.result != NULL and out is not None:
+            # Assembled before ``out`` was known (completed inside test()).
+            memcpy(view.data, st.result, st.total)
+            result = out
+        elif st.result != NULL:
+            # Assembled by the engine at completion: adopt it, no copy.
+            result = adopt_buffer(self.is_torch, self.dtype, self.typenum, st.result, st.total,
+                                  self.itemsize)
+            st.result = NULL
+        else:
+            if out is not None:
+                dest, result = view.data, out
+            else:
+                result = allocate_like(self.is_torch, self.dtype, self.typenum,
+                                       st.total // self.itemsize, &dest)
+            for s in range(st.nranks):
+                if st.nbytes[s]:
+                    memcpy(dest + offset, st.data[s], st.nbytes[s])
+                    offset += st.nbytes[s]
+            # Records read in place are copied: their slots may go.
+            self.engine.lock()
+            self.engine.release_state_holds(st)
+            self.engine.unlock()
+        self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
+        self.result = result
+        self.sendbuf = None
+        self.out_ref = None
+        iter_state_free(st)
+        self.state = NULL
+        return 0
+
+    cdef int check_sources(self) except -1:
+        """Every source sent this rank's dtype, in whole elements."""
+        cdef IterState* st = self.state
         cdef int s
         for s in range(st.nranks):
             if st.dtype[s] != self.dtype_code:
@@ -206,23 +275,78 @@ cdef class Request:
                     f"iteration {self.iteration}: rank {s} sent {st.nbytes[s]} bytes, not a "
                     f"multiple of this rank's item size {self.itemsize}; all ranks must send "
                     "the same dtype")
-        if st.result != NULL:
-            # Assembled by the engine at completion: adopt it, no copy.
-            result = adopt_buffer(self.is_torch, self.dtype, self.typenum, st.result, st.total,
-                                  self.itemsize)
-            st.result = NULL
-        else:
-            result = allocate_like(self.is_torch, self.dtype, self.typenum,
-                                   st.total // self.itemsize, &out)
-            for s in range(st.nranks):
-                if st.nbytes[s]:
-                    memcpy(out + offset, st.data[s], st.nbytes[s])
-                    offset += st.nbytes[s]
-        self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
-        self.result = result
-        iter_state_free(st)
-        self.state = NULL
         return 0
+
+    def views(self, timeout=None):
+        """Progress until complete, then return the data as per-source
+        read-only views (blsfab.Views), without assembling it: records read
+        in place stay in their ring slots. Use ``with req.views() as parts:``
+        or call ``release()``; see Views for what holding them does to flow
+        control. The request is then done: wait() raises."""
+        cdef IterState* st
+        cdef Views views = Views.__new__(Views)
+        cdef _ViewHold hold
+        cdef int s
+        cdef size_t n
+        cdef char* data
+        if self.views_taken:
+            raise RuntimeError(f"iteration {self.iteration}: views() was already called")
+        if self.result is None:
+            self.check_usable()
+            self._wait_detached(timeout)
+            st = self.state
+            if st.result != NULL or st.filled_out:
+                self.finish()  # already assembled: slice the result
+            else:
+                self.check_sources()
+                parts = []
+                self.engine.lock()
+                self.engine.unlist_held(st)
+                for s in range(st.nranks):
+                    if st.held[s]:
+                        self.engine.view_holds += 1
+                self.engine.unlock()
+                for s in range(st.nranks):
+                    n = st.nbytes[s]
+                    hold = _ViewHold.__new__(_ViewHold)
+                    hold.engine, hold.src = self.engine, s
+                    if st.held[s]:
+                        hold.held = st.held[s]
+                        st.held[s] = 0
+                        data = st.data[s]
+                    elif s == st.borrowed_src:
+                        # Our own part, copied once: the send buffer is the caller's.
+                        hold.piece = <char*>malloc(n if n else 1)
+                        if hold.piece == NULL:
+                            raise MemoryError()
+                        memcpy(hold.piece, st.data[s], n)
+                        data = hold.piece
+                    else:
+                        hold.piece = st.data[s]
+                        data = hold.piece
+                    st.data[s] = NULL
+                    parts.append(view_array(self.is_torch, self.dtype, self.typenum, data, n,
+                                            self.itemsize, hold))
+                self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
+                st.borrowed_src = -1
+                iter_state_free(st)
+                self.state = NULL
+                self.sendbuf = None
+                self.views_taken = True
+                views.parts = parts
+                return views
+        # The data is one assembled buffer: views are slices of it.
+        self.views_taken = True
+        parts, offset = [], 0
+        for c in self._recvcounts:
+            part = self.result[offset:offset + c]
+            if not self.is_torch:
+                part.flags.writeable = False
+            parts.append(part)
+            offset += c
+        self.result = None
+        views.parts = parts
+        return views
 
     cdef int check_usable(self) except -1:
         if self.result is not None:
@@ -242,7 +366,7 @@ cdef class Request:
 
     def test(self):
         """Make progress once; True when the data has arrived from every rank."""
-        if self.result is not None:
+        if self.result is not None or self.views_taken:
             return True
         self.check_usable()
         self.engine.check_not_broken()
@@ -254,16 +378,66 @@ cdef class Request:
         self.finish()
         return True
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, out=None):
         """Progress until complete and return the received data. Raises
         blsfab.TimeoutError naming the ranks not heard from after ``timeout``
-        seconds (default: the communicator's timeout)."""
+        seconds (default: the communicator's timeout).
+
+        ``out``: a C-contiguous, writable array (or CPU tensor) of the sent
+        kind and dtype, holding exactly the elements that arrive; the data is
+        assembled straight into it, and ``out`` is returned. A wrong size
+        raises ValueError (the request still completes: ``wait()`` then
+        returns the data as a new buffer)."""
         cdef int rc
         cdef double deadline
         cdef double limit
+        cdef BufferView view
+        if self.views_taken:
+            raise RuntimeError(f"iteration {self.iteration}: the data was taken as views()")
+        if out is not None:
+            describe_output(out, self.is_torch, self.dtype, &view)
         if self.result is not None:
-            return self.result
+            if out is None or out is self.result:
+                return self.result
+            return self._copy_result_into(out, view)
         self.check_usable()
+        if out is not None:
+            # Let the engine assemble into ``out`` when the last message lands.
+            self.out_ref = out
+            self.engine.lock()
+            if not self.state.detached:
+                self.state.out = view.data
+                self.state.out_bytes = <size_t>view.nelems * view.itemsize
+            self.engine.unlock()
+        try:
+            self._wait_detached(timeout)
+        finally:
+            if self.state != NULL and self.out_ref is not None:
+                self.engine.lock()
+                self.state.out = NULL  # never written after we return
+                self.engine.unlock()
+        self.finish(out)
+        if out is not None and self.result is not out:
+            self._raise_out_size(view)
+        return self.result
+
+    cdef object _copy_result_into(self, object out, BufferView view):
+        cdef BufferView have
+        describe_output(self.result, self.is_torch, self.dtype, &have)
+        if view.nelems != have.nelems:
+            self._raise_out_size(view)
+        memcpy(view.data, have.data, <size_t>have.nelems * have.itemsize)
+        return out
+
+    cdef int _raise_out_size(self, BufferView view) except -1:
+        raise ValueError(f"out holds {view.nelems} elements but iteration {self.iteration} "
+                         f"received {sum(self._recvcounts)} (recvcounts {self._recvcounts}); "
+                         "the request is complete: wait() returns the data")
+
+    cdef int _wait_detached(self, timeout) except -1:
+        cdef int rc
+        cdef double deadline
+        cdef double limit
         self.engine.check_not_broken()
         if not self.is_detached():
             self.engine.check_usable(False)
@@ -277,8 +451,7 @@ cdef class Request:
             self.engine.leave()
             self.engine.check_rc(rc, self.iteration, "", -1, limit, self.state)
             self.check_usable()
-        self.finish()
-        return self.result
+        return 0
 
     cdef bint is_detached(self):
         cdef bint done
@@ -299,7 +472,7 @@ cdef class Request:
 
     @property
     def done(self):
-        return self.result is not None
+        return self.result is not None or self.views_taken
 
     def __repr__(self):
         state = "complete" if self.result is not None else "pending"

@@ -25,14 +25,19 @@ cdef class RingProgress(RingReceiver):
         cdef ssize_t n
         cdef int rc, handled = 0
         cdef fi_cq_data_entry* e
+        if self.nlocal:
+            handled = self.poll_shared()
+            if handled < 0:
+                self.fatal = True
+                return handled
         if self.batch_next == self.batch_len:
             if self.check_source:
                 n = fi_cq_readfrom(self.cq, self.batch, 16, self.batch_source)
             else:
                 n = fi_cq_read(self.cq, self.batch, 16)
             if n == -FI_EAGAIN:
-                return 0
-            if n < 0:
+                n = 0
+            elif n < 0:
                 self.fatal = True
                 if n == -FI_EAVAIL:
                     self.read_cq_error()
@@ -57,6 +62,11 @@ cdef class RingProgress(RingReceiver):
                 if rc < 0:
                     self.fatal = True
                     return rc
+            elif self.zero_copy_bytes:
+                rc = self.on_write_done(e.op_context)
+                if rc < 0:
+                    self.fatal = True
+                    return rc
         if self.credits_due:
             rc = self.return_credits()
             if rc < 0:
@@ -75,6 +85,25 @@ cdef class RingProgress(RingReceiver):
             if r != self.rank and self.peers[r].addr == source:
                 return self.protocol_error(PE_SPOOFED, r, claimed)
         return self.protocol_error(PE_SPOOFED, -1, claimed)
+
+    cdef int on_write_done(self, void* context) noexcept nogil:
+        """Our write completed: a zero-copy one no longer reads the send
+        buffer, and its iteration may complete."""
+        cdef char* first = <char*>self.zero_copy_ctx
+        cdef size_t i
+        cdef IterState* st
+        if <char*>context < first or <char*>context >= first + <size_t>self.size * self.ring_slots * sizeof(TxContext):
+            return RC_OK
+        i = (<char*>context - first) // sizeof(TxContext)
+        st = self.tx_zero_copy[i]
+        if st == NULL:
+            return RC_OK
+        self.tx_zero_copy[i] = NULL
+        st.tx_pending -= 1
+        self.zero_copy_inflight -= 1
+        if st.tx_pending == 0 and st.posted and st.arrived == st.nranks and not st.detached:
+            return self.complete(st)
+        return RC_OK
 
     cdef void read_cq_error(self) noexcept nogil:
         """Keep the error completion at the head of the CQ for the report."""

@@ -121,6 +121,7 @@ cdef class RingReceiver(RingState):
         """Free processed slots, in order, once nothing reads them in place."""
         cdef Peer* p = &self.peers[src]
         cdef size_t pos
+        cdef uint64_t before = p.rx_consumed
         while p.rx_consumed < p.rx_processed:
             pos = p.rx_consumed % self.ring_slots
             if p.rx_holds[pos]:
@@ -130,28 +131,96 @@ cdef class RingReceiver(RingState):
             p.rx_consumed += 1
             if p.rx_wanted:
                 self.credits_due = True
+        if p.local and p.rx_consumed != before:
+            # After our last read of the freed slots: the sender may reuse them.
+            # This is the credit report, so a WANT is measured from it.
+            bls_shm_set_consumed(p.rx_consumed_word, p.rx_consumed)
+            p.rx_reported = p.rx_consumed
+
+    cdef int poll_shared(self) noexcept nogil:
+        """Process every slot node-local peers have published, in order (the
+        acquire load makes the slot's contents visible). Returns the number
+        of slots processed or a negative RC_ code."""
+        cdef int src, rc, handled = 0
+        cdef Peer* p
+        cdef size_t pos
+        for src in range(self.size):
+            p = &self.peers[src]
+            if not p.local:
+                continue
+            while True:
+                pos = p.rx_processed % self.ring_slots
+                if bls_shm_landed(&p.rx_published[pos]) != p.rx_processed + 1:
+                    break
+                if p.rx_processed >= p.rx_consumed + self.ring_slots:
+                    return self.protocol_error(PE_OUTSIDE_WINDOW, src, self.ring_slots)
+                p.rx_landed[pos] = p.rx_processed + 1
+                rc = self.process_slot(src)
+                if rc < 0:
+                    return rc
+                handled += 1
+            if handled:
+                self.release_slots(src)
+        return handled
 
     cdef int spill(self, int src) noexcept nogil:
         """Copy out every record of ``src`` still read in place, so its slots
-        free now: the sender has asked for credit."""
+        free now: the sender has asked for credit. (Slots lent out as views
+        stay held: their holder decides.)"""
         cdef int64_t i
         cdef IterState* st
-        cdef char* piece
-        cdef Peer* p = &self.peers[src]
+        cdef int rc
         for i in range(self.window_mask + 1):
             st = self.window[i]
-            if st == NULL or not st.held[src]:
-                continue
-            piece = <char*>malloc(st.nbytes[src])
-            if piece == NULL:
-                return self.fail(RC_NOMEM, 0, NULL, src, 0, st.iteration)
-            memcpy(piece, st.data[src], st.nbytes[src])
-            p.rx_holds[st.held[src] - 1] -= 1
-            st.held[src] = 0
-            st.data[src] = piece
-            self.counters.spilled += 1
+            if st != NULL and st.held[src]:
+                rc = self.copy_out(st, src)
+                if rc < 0:
+                    return rc
+        st = self.held_list
+        while st != NULL:
+            if st.held[src]:
+                rc = self.copy_out(st, src)
+                if rc < 0:
+                    return rc
+            st = st.next_held
         self.release_slots(src)
         return RC_OK
+
+    cdef int copy_out(self, IterState* st, int src) noexcept nogil:
+        """Move ``src``'s record of ``st`` out of its ring slot into a piece."""
+        cdef char* piece = <char*>malloc(st.nbytes[src] if st.nbytes[src] else 1)
+        if piece == NULL:
+            return self.fail(RC_NOMEM, 0, NULL, src, 0, st.iteration)
+        memcpy(piece, st.data[src], st.nbytes[src])
+        self.peers[src].rx_holds[st.held[src] - 1] -= 1
+        st.held[src] = 0
+        st.data[src] = piece
+        self.counters.spilled += 1
+        return RC_OK
+
+    cdef void release_hold(self, int src, uint32_t held) noexcept nogil:
+        """A record read in place is done with: its slot may be freed."""
+        self.peers[src].rx_holds[held - 1] -= 1
+        self.release_slots(src)
+
+    cdef void unlist_held(self, IterState* st) noexcept nogil:
+        cdef IterState** link = &self.held_list
+        while link[0] != NULL:
+            if link[0] == st:
+                link[0] = st.next_held
+                st.next_held = NULL
+                return
+            link = &link[0].next_held
+
+    cdef void release_state_holds(self, IterState* st) noexcept nogil:
+        """Release every slot ``st`` still reads in place (it is assembled)."""
+        cdef int s
+        self.unlist_held(st)
+        for s in range(st.nranks):
+            if st.held[s]:
+                self.release_hold(s, st.held[s])
+                st.held[s] = 0
+                st.data[s] = NULL
 
     cdef int state_for(self, int64_t it, int src, IterState** out) noexcept nogil:
         """The receive state of iteration ``it``, created on first touch."""
@@ -171,7 +240,7 @@ cdef class RingReceiver(RingState):
         """Record ``src``'s message: in place if marked held, else as a copy."""
         if st.have[src]:
             return self.protocol_error(PE_ITERATION_ORDER, src, st.iteration)
-        if st.held[src]:
+        if st.held[src] or src == st.borrowed_src:
             st.data[src] = <char*>payload
         elif n:
             st.data[src] = <char*>malloc(n)
@@ -185,35 +254,53 @@ cdef class RingReceiver(RingState):
         st.arrived += 1
         if not st.posted:
             self.counters.early_arrivals += 1
-        elif st.arrived == st.nranks:
+        elif st.arrived == st.nranks and st.tx_pending == 0:
             return self.complete(st)
         return RC_OK
 
     cdef int complete(self, IterState* st) noexcept nogil:
-        """All messages are in: assemble large iterations now (freeing the
-        ring slots read in place) and hand the state to its Request."""
+        """All messages are in: assemble into the caller's buffer if wait(out=)
+        gave one that fits, else assemble large iterations into a new one
+        (freeing the ring slots read in place); hand the state to its Request."""
         cdef int s
         cdef size_t offset = 0
         cdef bint in_place = False
+        cdef char* dest
         for s in range(st.nranks):
             in_place = in_place or st.held[s] != 0
-        if in_place or st.total >= IN_PLACE_BYTES:
+        if st.out != NULL and st.out_bytes == st.total:
+            dest = st.out
+            st.filled_out = True
+        elif in_place:
+            # Leave the records in their slots: the Request assembles them
+            # (one copy) or lends them as views (none).
+            st.next_held = self.held_list
+            self.held_list = st
+            dest = NULL
+        elif st.total >= IN_PLACE_BYTES:
             st.result = <char*>malloc(st.total if st.total else 1)
             if st.result == NULL:
                 return self.fail(RC_NOMEM, 0, NULL, -1, 0, st.iteration)
+            dest = st.result
+        else:
+            dest = NULL  # small: the Request assembles it
+        if dest != NULL:
             for s in range(st.nranks):
                 if st.nbytes[s]:
-                    memcpy(st.result + offset, st.data[s], st.nbytes[s])
+                    memcpy(dest + offset, st.data[s], st.nbytes[s])
                     offset += st.nbytes[s]
                 if st.held[s]:
                     self.peers[s].rx_holds[st.held[s] - 1] -= 1
                     st.held[s] = 0
                     self.release_slots(s)
-                else:
+                elif s != st.borrowed_src:
                     free(st.data[s])
                 st.data[s] = NULL
+            st.borrowed_src = -1
+        st.out = NULL
         self.window[st.iteration & self.window_mask] = NULL
         st.detached = True
         if st.orphaned:
+            self.release_state_holds(st)
             iter_state_free(st)
         return RC_OK

@@ -10,6 +10,9 @@ cdef class RingSender(RingProgress):
         cdef Peer* p = &self.peers[dst]
         cdef uint64_t seq = p.tx_seq
         cdef int rc
+        rc = self.refresh_credit(dst)
+        if rc < 0:
+            return rc
         if seq < p.tx_credit + self.ring_slots:
             return RC_OK
         self.counters.blocked_posts += 1
@@ -20,8 +23,24 @@ cdef class RingSender(RingProgress):
         self.counters.credit_requests += 1
         while seq >= p.tx_credit + self.ring_slots:
             rc = self.wait_step(deadline, dst)
+            if rc == RC_OK:
+                rc = self.refresh_credit(dst)
             if rc < 0:
                 return rc
+        return RC_OK
+
+    cdef int refresh_credit(self, int dst) noexcept nogil:
+        """On the node-local path the peer publishes its credit in shared
+        memory (acquire: its reads of those slots are over)."""
+        cdef Peer* p = &self.peers[dst]
+        cdef uint64_t consumed
+        if not p.local:
+            return RC_OK
+        consumed = bls_shm_consumed(p.tx_consumed)
+        if consumed > p.tx_seq:
+            return self.protocol_error(PE_CREDIT_UNSENT, dst, <int64_t>consumed)
+        if consumed > p.tx_credit:
+            p.tx_credit = consumed
         return RC_OK
 
     cdef int write_slot(self, int dst, size_t length, bint more, double deadline) noexcept nogil:
@@ -41,6 +60,12 @@ cdef class RingSender(RingProgress):
         cdef uint64_t flags = FI_REMOTE_CQ_DATA
         cdef ssize_t ret
         cdef int rc
+        if p.local:
+            # Packed in place in the peer's ring: publishing is the whole write.
+            bls_shm_publish(&p.tx_published[pos], seq)
+            self.counters.puts += 1
+            p.tx_seq = seq + 1
+            return RC_OK
         if not inject:
             iov.iov_base, iov.iov_len = buf, length
             rma.addr, rma.len, rma.key = p.ring_addr + pos * self.slot_bytes, length, p.key
@@ -73,6 +98,65 @@ cdef class RingSender(RingProgress):
         p.tx_seq = seq + 1
         return RC_OK
 
+    cdef int write_slot_zero_copy(self, int dst, size_t header, const char* payload, size_t n,
+                                  bint more, IterState* st, double deadline) noexcept nogil:
+        """Write slot ``tx_seq`` to ``dst`` as two pieces: its ``header`` bytes
+        from staging, then the payload straight from the caller's buffer. The
+        iteration completes only after this write's local completion."""
+        cdef Peer* p = &self.peers[dst]
+        cdef uint64_t seq = p.tx_seq
+        cdef size_t pos = seq % self.ring_slots
+        cdef size_t i = dst * self.ring_slots + pos
+        cdef iovec iov[2]
+        cdef void* desc[2]
+        cdef fi_rma_iov rma
+        cdef fi_msg_rma msg
+        cdef uint64_t flags = FI_REMOTE_CQ_DATA | FI_COMPLETION
+        cdef ssize_t ret
+        cdef int rc
+        iov[0].iov_base, iov[0].iov_len = p.tx_stage + pos * self.slot_bytes, header
+        iov[1].iov_base, iov[1].iov_len = <void*>payload, n
+        desc[0], desc[1] = self.tx_desc, NULL
+        rma.addr, rma.len, rma.key = p.ring_addr + pos * self.slot_bytes, header + n, p.key
+        msg.msg_iov, msg.desc, msg.iov_count = iov, desc, 2
+        msg.addr, msg.rma_iov, msg.rma_iov_count = p.addr, &rma, 1
+        msg.context = &self.zero_copy_ctx[i].ctx
+        msg.data = bls_imm_encode(BLS_KIND_DATA, self.rank, seq)
+        if more:
+            flags |= FI_MORE
+        # The receiver may free a slot before our write of it completes here:
+        # its context is reused only once that completion is in.
+        while self.tx_zero_copy[i] != NULL:
+            rc = self.wait_step(deadline, dst)
+            if rc < 0:
+                return rc
+        while True:
+            ret = fi_writemsg(self.ep, &msg, flags)
+            if ret == 0:
+                break
+            if ret != -FI_EAGAIN:
+                return self.fail(RC_FABRIC, <int>ret, "fi_writemsg", dst, 0, 0)
+            self.counters.eagain += 1
+            rc = self.wait_step(deadline, dst)
+            if rc < 0:
+                return rc
+        self.tx_zero_copy[i] = st
+        st.tx_pending += 1
+        self.zero_copy_inflight += 1
+        self.counters.zero_copy += 1
+        self.counters.puts += 1
+        p.tx_seq = seq + 1
+        return RC_OK
+
+    cdef int drain_writes(self, IterState* st, double deadline) noexcept nogil:
+        """Progress until no zero-copy write of ``st`` reads its send buffer."""
+        cdef int rc
+        while st.tx_pending > 0:
+            rc = self.wait_step(deadline, -1)
+            if rc < 0:
+                return rc
+        return RC_OK
+
     cdef int post_items(self, SendItem* items, int m, double deadline) noexcept nogil:
         """Post ``m`` consecutive iterations: per peer, pack as many records as
         fit into each slot, so a chain travels as one write per peer. This
@@ -83,6 +167,9 @@ cdef class RingSender(RingProgress):
         cdef char* stage
         cdef bls_slot_header_t* hdr
         cdef Peer* p
+        cdef const char* payload
+        cdef const char* zero_copy
+        cdef IterState* zero_copy_state
         for j in range(1, self.size):
             dst = (self.rank + j) % self.size  # stagger targets to avoid hot spots
             p = &self.peers[dst]
@@ -91,21 +178,33 @@ cdef class RingSender(RingProgress):
                 rc = self.acquire_slot(dst, deadline)
                 if rc < 0:
                     return rc
-                stage = p.tx_stage + (p.tx_seq % self.ring_slots) * self.slot_bytes
+                stage = ((p.tx_shared if p.local else p.tx_stage)
+                         + (p.tx_seq % self.ring_slots) * self.slot_bytes)
                 hdr = <bls_slot_header_t*>stage
                 hdr.seq = p.tx_seq
                 hdr.first_iteration = <uint64_t>items[k].state.iteration
                 hdr.nrecords = 0
                 hdr.magic = BLS_SLOT_MAGIC
                 off = sizeof(bls_slot_header_t)
+                zero_copy = NULL
                 while k < m:
                     n = items[k].counts[dst] * items[k].itemsize
                     need = sizeof(bls_record_header_t) + bls_align(n)
                     if off + need > self.slot_bytes and hdr.nrecords > 0:
                         break  # next record starts the next slot
+                    payload = items[k].data + items[k].displs[dst] * items[k].itemsize
                     (<bls_record_header_t*>(stage + off)).word = bls_record_pack(n, items[k].dtype)
-                    memcpy(stage + off + sizeof(bls_record_header_t),
-                           items[k].data + items[k].displs[dst] * items[k].itemsize, n)
+                    if (not p.local and self.zero_copy_bytes and n >= self.zero_copy_bytes
+                            and hdr.nrecords == 0):
+                        # Large and alone in its slot: the payload goes from the
+                        # caller's buffer, not through staging.
+                        zero_copy, zero_copy_state = payload, items[k].state
+                        off += sizeof(bls_record_header_t)
+                        hdr.nrecords = 1
+                        self.counters.bytes_sent += n
+                        k += 1
+                        break
+                    memcpy(stage + off + sizeof(bls_record_header_t), payload, n)
                     off += need
                     hdr.nrecords += 1
                     self.counters.bytes_sent += n
@@ -113,12 +212,19 @@ cdef class RingSender(RingProgress):
                 hdr.credit = p.rx_consumed  # piggy-backed credit
                 # FI_MORE only while more slots for this same peer follow: a
                 # provider that batches per connection flushes at the last one.
-                rc = self.write_slot(dst, off, k < m, deadline)
+                if zero_copy != NULL:
+                    rc = self.write_slot_zero_copy(dst, off, zero_copy, n, k < m,
+                                                   zero_copy_state, deadline)
+                else:
+                    rc = self.write_slot(dst, off, k < m, deadline)
                 if rc < 0:
                     return rc
                 p.rx_reported = hdr.credit
         for k in range(m):
             items[k].state.posted = True
+            # The self part stays in the sendbuf until the result is assembled:
+            # one copy, straight into the result (the MPI send-buffer rule).
+            items[k].state.borrowed_src = self.rank
             n = items[k].counts[self.rank] * items[k].itemsize
             rc = self.deliver(items[k].state, self.rank,
                               items[k].data + items[k].displs[self.rank] * items[k].itemsize,

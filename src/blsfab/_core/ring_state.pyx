@@ -44,6 +44,19 @@ cdef class RingState:
     cdef uint32_t idle_polls
     cdef uint32_t spin_mask             # empty polls between yields, minus one
     cdef uint64_t scratch_word
+    cdef int nlocal                     # peers on the node-local path
+    # Completed iterations whose records are still read in place: the Request
+    # assembles them (or lends them as views) and releases the slots. Listed,
+    # so a sender blocked on credits can still have them copied out (spill).
+    cdef IterState* held_list
+    # Zero-copy send: records of at least zero_copy_bytes (0: off) go out from
+    # the caller's buffer; tx_zero_copy[i] is the iteration whose write uses
+    # tx_ctx[i], until its local completion.
+    cdef readonly size_t zero_copy_bytes
+    cdef IterState** tx_zero_copy
+    cdef TxContext* zero_copy_ctx       # contexts of zero-copy writes only
+    cdef int64_t zero_copy_inflight
+    cdef readonly int64_t view_holds    # ring slots held by live views
     # One CQ batch; entries not yet handled survive a failed poll.
     cdef fi_cq_data_entry batch[16]
     cdef fi_addr_t batch_source[16]     # with FI_SOURCE: who wrote each entry
@@ -95,6 +108,8 @@ cdef class RingState:
                 free(self.peers[r].rx_holds)
             free(self.peers)
         free(self.tx_ctx)
+        free(self.tx_zero_copy)
+        free(self.zero_copy_ctx)
         free(self.window)
         pthread_mutex_destroy(&self.mutex)
 

@@ -75,6 +75,17 @@ cdef struct Peer:
     uint64_t* rx_landed     # per ring position: seq + 1 of a landed, unconsumed slot
     int64_t heard           # iterations received from the peer = its posts seen here
     bint greeted
+    # Node-local path (node_local.py, shm.h): the peer is on this host, and
+    # slots travel through shared rings instead of the fabric. Same slots,
+    # same credits; a landed word replaces the CQ entry, a consumed word the
+    # credit report. Bare notifications (greeting, WANT, credit answers) still
+    # use the fabric.
+    bint local
+    char* tx_shared         # our ring in the peer's segment: we pack slots there
+    uint64_t* tx_published  # its landed words: we publish each slot with release
+    uint64_t* tx_consumed   # its consumed word: the peer's credit, acquire
+    uint64_t* rx_published  # landed words of the peer's ring in our segment
+    uint64_t* rx_consumed_word  # where we publish rx_consumed
 
 cdef struct TxContext:
     fi_context ctx          # libfabric's FI_CONTEXT storage for one write in flight
@@ -94,6 +105,12 @@ cdef struct IterState:
     uint16_t* dtype         # per source: the element type its record header names
     uint8_t* have
     char* result            # assembled in rank order at completion (large iterations)
+    int borrowed_src        # source whose data points into the caller's sendbuf (self), or -1
+    char* out               # the caller's receive buffer (wait(out=)), or NULL
+    size_t out_bytes
+    bint filled_out         # assembled into ``out`` at completion
+    IterState* next_held    # completed, still reading ring slots: the engine's list
+    int tx_pending          # zero-copy writes still reading the send buffer
 
 cdef struct SendItem:
     const char* data
@@ -115,6 +132,7 @@ cdef struct Counters:
     uint64_t early_arrivals
     uint64_t in_place         # records read in place from a ring
     uint64_t spilled          # of those, copied out early for a blocked sender
+    uint64_t zero_copy        # writes whose payload went straight from the send buffer
     int64_t max_lead
     uint64_t lead_sum
     uint64_t lead_samples
@@ -128,6 +146,7 @@ cdef IterState* iter_state_new(int64_t iteration, int nranks) noexcept nogil:
         return NULL
     st.iteration = iteration
     st.nranks = nranks
+    st.borrowed_src = -1
     st.nbytes = <size_t*>(<char*>st + sizeof(IterState))
     st.data = <char**>(<char*>st.nbytes + nranks * sizeof(size_t))
     st.held = <uint32_t*>(<char*>st.data + nranks * sizeof(char*))
@@ -140,7 +159,7 @@ cdef void iter_state_free(IterState* st) noexcept nogil:
     """Free the state and its pieces (never data held in a ring)."""
     cdef int i
     for i in range(st.nranks):
-        if not st.held[i]:
+        if not st.held[i] and i != st.borrowed_src:
             free(st.data[i])
     free(st.result)
     free(st)

@@ -44,7 +44,11 @@ def all_to_all_single(pg, output, input, output_split_sizes, input_split_sizes,
 
     def receive(req, result) -> None:
         _check_counts("all_to_all_single", req.recvcounts, out_counts, rank)
-        sink.fill(result)
+        if result is not sink.buf:
+            sink.fill(result)
+        elif not sink.direct:
+            sink.flush()
+
 
     if (opts is not None and not opts.asyncOp and not pg._pending
             and (not even or in_counts[0] * item <= pg._cap)):
@@ -54,7 +58,7 @@ def all_to_all_single(pg, output, input, output_split_sizes, input_split_sizes,
             if not pg._pending:
                 pg._check_open("all_to_all_single")
                 req = pg._comm.ialltoallv(payload, in_counts)
-                receive(req, req.wait())
+                receive(req, WaitInto(req, sink.buf).wait())
                 return done_work(pg, "all_to_all_single", [output])
 
     def post():
@@ -63,6 +67,8 @@ def all_to_all_single(pg, output, input, output_split_sizes, input_split_sizes,
             reqs = requests(rounds)
         else:
             reqs = [pg._comm.ialltoallv(payload, in_counts)]
+        if len(reqs) == 1:
+            reqs = [WaitInto(reqs[0], sink.buf)]
 
         def finish(results):
             if len(reqs) == 1:
@@ -110,6 +116,30 @@ def alltoall(pg, output_tensors, input_tensors, opts=None) -> Work:
         return [req], finish
 
     return pg._launch("all_to_all", post, opts)
+
+
+class WaitInto:
+    """A Request whose wait() assembles the data straight into ``buf`` (the
+    output), no copy afterwards; when the ranks' splits disagree it returns
+    the data as a new tensor, and the caller reports the disagreement."""
+
+    __slots__ = ("req", "buf")
+
+    def __init__(self, req, buf: torch.Tensor):
+        self.req, self.buf = req, buf
+
+    def test(self) -> bool:
+        return self.req.test()
+
+    def wait(self, timeout=None):
+        try:
+            return self.req.wait(timeout, out=self.buf)
+        except ValueError:
+            return self.req.wait(timeout)
+
+    @property
+    def recvcounts(self):
+        return self.req.recvcounts
 
 
 def _split_counts(what: str, t: torch.Tensor, splits, size: int) -> List[int]:

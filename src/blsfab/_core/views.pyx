@@ -1,0 +1,90 @@
+# Views: a completed iteration's data, per source, read in place.
+
+
+cdef class _ViewHold:
+    """Keeps one source's bytes alive for as long as any array views them:
+    a ring slot (held, so its sender cannot reuse it) or a malloc'd piece.
+    It is the arrays' base object, so the buffer export count decides: the
+    slot is released only once the last array over it is gone."""
+
+    cdef RingEngine engine
+    cdef int src
+    cdef uint32_t held          # ring position + 1, or 0
+    cdef char* piece            # owned piece, or NULL
+
+    def __cinit__(self):
+        self.piece = NULL
+        self.held = 0
+
+    def __dealloc__(self):
+        if self.held and self.engine is not None:
+            self.engine.lock()
+            self.engine.view_holds -= 1
+            if not self.engine.closed:
+                self.engine.release_hold(self.src, self.held)
+            self.engine.unlock()
+        free(self.piece)
+
+
+cdef object view_array(bint is_torch, object dtype, int typenum, char* data, size_t nbytes,
+                       size_t itemsize, object base):
+    """A 1-D array (read-only) or tensor over ``nbytes`` at ``data``, kept alive by ``base``."""
+    cdef cnp.npy_intp dims[1]
+    cdef cnp.ndarray arr
+    if nbytes == 0:
+        empty = allocate_like(is_torch, dtype, typenum, 0, &data)
+        if not is_torch:
+            empty.flags.writeable = False
+        return empty
+    if typenum >= 0 and not is_torch:
+        dims[0] = nbytes // itemsize
+        arr = cnp.PyArray_SimpleNewFromData(1, dims, typenum, data)
+    else:
+        dims[0] = nbytes
+        arr = cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, data)
+    cnp.set_array_base(arr, base)
+    if is_torch:
+        return sys.modules["torch"].from_numpy(arr).view(dtype)
+    cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
+    return arr if typenum >= 0 else arr.view(dtype)
+
+
+cdef class Views:
+    """Per-source read-only views of one iteration's data, in rank order,
+    returned by Request.views(). Use it as ``with req.views() as parts:`` or
+    call ``release()``. Records read in place keep their ring slots until the
+    last array over them is gone, even after release(): a slot is never
+    recycled under a live view. Held slots hold credits: a sender that runs
+    out of them waits, and after the timeout raises blsfab.TimeoutError
+    naming this rank; release views before running ``bound`` iterations on."""
+
+    cdef list parts
+
+    def __len__(self):
+        return len(self.parts) if self.parts is not None else 0
+
+    def __getitem__(self, i):
+        if self.parts is None:
+            raise ValueError("these views were released")
+        return self.parts[i]
+
+    def __iter__(self):
+        if self.parts is None:
+            raise ValueError("these views were released")
+        return iter(self.parts)
+
+    def __enter__(self):
+        if self.parts is None:
+            raise ValueError("these views were released")
+        return self.parts
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        """Drop these views. Ring slots are freed once no array still uses them."""
+        self.parts = None
+
+    def __repr__(self):
+        state = "released" if self.parts is None else f"{len(self.parts)} sources"
+        return f"<blsfab.Views {state}>"
