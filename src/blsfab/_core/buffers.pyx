@@ -173,27 +173,33 @@ cdef class _Allocation:
         free(self.ptr)
 
 
-cdef object adopt_buffer(bint is_torch, object dtype, int typenum, char* data, size_t nbytes,
-                         size_t itemsize):
-    """Wrap ``data`` (malloc'd, ``nbytes``) as a 1-D array or tensor of the
-    sender's kind and dtype, without copying; the result frees it."""
+cdef object wrap_memory(bint is_torch, object dtype, int typenum, char* data, size_t nbytes,
+                        size_t itemsize, object base, bint writable):
+    """A 1-D array or tensor of the sender's kind and dtype over ``nbytes`` at
+    ``data``, without copying; ``base`` keeps the memory alive."""
     cdef cnp.npy_intp dims[1]
-    cdef _Allocation owner = _Allocation.__new__(_Allocation)
     cdef cnp.ndarray arr
-    owner.ptr = data
-    if typenum >= 0:
+    if typenum >= 0 and not is_torch:
         dims[0] = nbytes // itemsize
         arr = cnp.PyArray_SimpleNewFromData(1, dims, typenum, data)
     else:
         dims[0] = nbytes
         arr = cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, data)
-    cnp.set_array_base(arr, owner)
+    cnp.set_array_base(arr, base)
     if is_torch:
-        torch = sys.modules["torch"]
-        return torch.from_numpy(arr).view(dtype)
-    if typenum < 0:
-        return arr.view(dtype)
-    return arr
+        return sys.modules["torch"].from_numpy(arr).view(dtype)
+    if not writable:
+        cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
+    return arr if typenum >= 0 else arr.view(dtype)
+
+
+cdef object adopt_buffer(bint is_torch, object dtype, int typenum, char* data, size_t nbytes,
+                         size_t itemsize):
+    """Wrap ``data`` (malloc'd, ``nbytes``) as a 1-D array or tensor of the
+    sender's kind and dtype, without copying; the result frees it."""
+    cdef _Allocation owner = _Allocation.__new__(_Allocation)
+    owner.ptr = data
+    return wrap_memory(is_torch, dtype, typenum, data, nbytes, itemsize, owner, True)
 
 
 cdef extern from "<malloc.h>" nogil:

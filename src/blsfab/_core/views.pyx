@@ -29,24 +29,12 @@ cdef class _ViewHold:
 cdef object view_array(bint is_torch, object dtype, int typenum, char* data, size_t nbytes,
                        size_t itemsize, object base):
     """A 1-D array (read-only) or tensor over ``nbytes`` at ``data``, kept alive by ``base``."""
-    cdef cnp.npy_intp dims[1]
-    cdef cnp.ndarray arr
     if nbytes == 0:
         empty = allocate_like(is_torch, dtype, typenum, 0, &data)
         if not is_torch:
             empty.flags.writeable = False
         return empty
-    if typenum >= 0 and not is_torch:
-        dims[0] = nbytes // itemsize
-        arr = cnp.PyArray_SimpleNewFromData(1, dims, typenum, data)
-    else:
-        dims[0] = nbytes
-        arr = cnp.PyArray_SimpleNewFromData(1, dims, cnp.NPY_UINT8, data)
-    cnp.set_array_base(arr, base)
-    if is_torch:
-        return sys.modules["torch"].from_numpy(arr).view(dtype)
-    cnp.PyArray_CLEARFLAGS(arr, cnp.NPY_ARRAY_WRITEABLE)
-    return arr if typenum >= 0 else arr.view(dtype)
+    return wrap_memory(is_torch, dtype, typenum, data, nbytes, itemsize, base, False)
 
 
 cdef class Views:
