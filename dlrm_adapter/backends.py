@@ -24,7 +24,7 @@ import importlib
 import os
 import time
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,6 +88,11 @@ class Backend:
 
     def finish(self, handle: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def finish_parts(self, handle: Any) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """The received data as per-source pieces where the library can hand
+        them out without a copy; by default the flat buffer of ``finish``."""
+        return self.finish(handle)
 
     def start_inputs(self, lengths: torch.Tensor, lcounts: Sequence[int], indices: torch.Tensor,
                      icounts: Sequence[int], chain: bool) -> Any:
@@ -264,19 +269,23 @@ class BLS(Backend):
         return bool(handle[0].test())
 
     def finish(self, handle: Tuple[Any, List[int]]) -> torch.Tensor:
+        parts = self.finish_parts(handle)
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    def finish_parts(self, handle: Tuple[Any, List[int]]) -> List[torch.Tensor]:
+        """Per-source views into the rings, no copy: the consumer gathers them
+        once, straight into its own layout. A live view keeps its ring slot
+        held, so use them and drop them."""
         req, expected = handle
         if self.poll_s > 0:
             _poll_until(req.test, self.poll_s, self.timeout,
                         f"rank {self.comm.rank}: blsfab exchange")
-        # Per-source views into the rings, gathered once into the flat input.
         with req.views() as parts:
             got = [int(c) for c in req.recvcounts]
             if expected is not None and got != expected:
                 raise RuntimeError(f"blsfab delivered counts {got} per source, expected "
                                    f"{expected}")
-            parts = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in parts]
-            data = torch.cat(parts) if parts else torch.empty(0)
-        return data
+            return [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in parts]
 
     def quiesce(self) -> None:
         # One empty exchange, waited on (what blsfab's torch barrier does): with manual

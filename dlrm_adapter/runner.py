@@ -311,9 +311,9 @@ class Pipeline:
     def _finish(self, p: _Pending) -> None:
         """Step 5 for the oldest batch: wait, interaction, top MLP -> predictions."""
         tw = time.perf_counter()
-        flat = self.backend.finish(p.handle)
+        received = self.backend.finish_parts(p.handle)
         self._blocked(tw)
-        ly = self.layout.assemble(flat, p.x.shape[0])
+        ly = self.layout.assemble(received, p.x.shape[0])
         self.on_prediction(p, self.model.top_rows(p.x, ly, p.lo))
 
     def _keep_prediction(self, p: _Pending, pred: torch.Tensor) -> None:

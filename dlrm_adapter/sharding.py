@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
@@ -110,20 +110,33 @@ class ExchangeLayout:
         """Global table ids in the order they arrive (source rank, then owned order)."""
         return [t for ts in self.tables for t in ts]
 
-    def assemble(self, flat: torch.Tensor, rows: int) -> torch.Tensor:
-        """Received 1-D buffer -> ``(rows, num_tables, d)`` in global table order (copies only)."""
+    def assemble(self, received: Union[torch.Tensor, List[torch.Tensor]],
+                 rows: int) -> torch.Tensor:
+        """Received data -> ``(rows, num_tables, d)`` in global table order (copies only).
+        ``received`` is the flat buffer, or one piece per source rank (views
+        into the transport's buffers), gathered here in one copy."""
         order = self.arrival_order()
         num_tables = len(order)
-        if flat.numel() != rows * num_tables * self.emb_dim:
-            raise RuntimeError(f"received {flat.numel()} values, expected "
+        if isinstance(received, torch.Tensor):
+            pieces, offset = [], 0
+            for ts in self.tables:
+                n = rows * len(ts) * self.emb_dim
+                pieces.append(received[offset:offset + n])
+                offset += n
+            total = received.numel()
+        else:
+            pieces, total = list(received), sum(p.numel() for p in received)
+        if total != rows * num_tables * self.emb_dim or len(pieces) != len(self.tables):
+            raise RuntimeError(f"received {total} values from {len(pieces)} ranks, expected "
                                f"{rows} samples x {num_tables} tables x {self.emb_dim}")
         parts = []
-        offset = 0
-        for ts in self.tables:
-            n = rows * len(ts) * self.emb_dim
-            parts.append(flat[offset:offset + n].view(rows, len(ts), self.emb_dim))
-            offset += n
-        stacked = torch.cat(parts, dim=1) if parts else flat.view(rows, 0, self.emb_dim)
+        for ts, piece in zip(self.tables, pieces):
+            if piece.numel() != rows * len(ts) * self.emb_dim:
+                raise RuntimeError(f"received {piece.numel()} values from one rank, expected "
+                                   f"{rows} samples x {len(ts)} tables x {self.emb_dim}")
+            parts.append(piece.view(rows, len(ts), self.emb_dim))
+        stacked = (torch.cat(parts, dim=1) if parts
+                   else torch.empty(rows, 0, self.emb_dim))
         if order == list(range(num_tables)):
             return stacked
         inverse = torch.empty(num_tables, dtype=torch.long)

@@ -280,3 +280,20 @@ def test_print_freq_draws_a_line_every_n_batches_whatever_the_time():
     bar.close()
     counts = [line.split("] ")[1].split()[0] for line in out.getvalue().splitlines() if "] " in line]
     assert counts == ["3/10", "6/10", "9/10", "10/10"]
+
+
+def test_assemble_from_per_source_pieces_equals_assemble_from_the_flat_buffer():
+    # The bls backend hands over one view per source rank; gathering them in
+    # one copy must give exactly what the flat buffer gives.
+    tables = ((2,), (0, 3), (), (1,))
+    emb_dim, rows = 3, 5
+    layout = ExchangeLayout(tables, emb_dim, 0)
+    pieces = [torch.arange(rows * len(ts) * emb_dim, dtype=torch.float32) + 100 * r
+              for r, ts in enumerate(tables)]
+    flat = torch.cat(pieces)
+    want = layout.assemble(flat, rows)
+    got = layout.assemble(pieces, rows)
+    assert torch.equal(got, want)
+    assert got.shape == (rows, 4, emb_dim)
+    with pytest.raises(RuntimeError, match="from one rank"):
+        layout.assemble([pieces[1], pieces[0], pieces[2], pieces[3]], rows)
