@@ -38,3 +38,7 @@ def test_one_thread_per_communicator_and_dup_with_one_slot_rings(provider):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_a_want_handled_before_its_slot_lands_does_not_hold_the_slot(provider):
     assert "OK spill" in run_mpi(3, "check_spill.py", provider)
+
+
+def test_a_stale_shm_region_left_by_a_dead_process_does_not_block_construction():
+    assert "OK stale shm" in run_mpi(2, "check_stale_shm.py")

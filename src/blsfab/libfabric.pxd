@@ -184,6 +184,7 @@ cdef extern from "<rdma/fi_endpoint.h>" nogil:
 
 cdef extern from "<rdma/fi_cm.h>" nogil:
     int fi_getname(fid* fid, void* addr, size_t* addrlen)
+    int fi_setname(fid* fid, void* addr, size_t addrlen)
 
 
 cdef extern from "<sys/uio.h>" nogil:

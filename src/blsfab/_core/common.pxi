@@ -12,6 +12,9 @@ from blsfab.libfabric cimport *
 
 cimport numpy as cnp
 
+import os
+import secrets
+
 import numpy as np
 
 from blsfab.errors import BrokenError, ClosedError, FabricError, TimeoutError as BlsTimeoutError

@@ -87,6 +87,13 @@ cdef class Endpoint:
         if not self.selective_completion:
             check(fi_ep_bind(self.ep, &cq.cq.fid, FI_TRANSMIT | FI_RECV), "fi_ep_bind(cq)", prov)
         check(fi_ep_bind(self.ep, &av.av.fid, 0), "fi_ep_bind(av)", prov)
+        if prov == "shm":
+            # shm names its region "<pid>:<domain>:<endpoint>" in /dev/shm by
+            # default. A killed process leaves that file behind, and a later
+            # process that reuses the pid then fails fi_enable with EBUSY. A
+            # random name never collides with a stale one.
+            name = f"blsfab-{os.getpid():x}-{secrets.token_hex(8)}".encode() + b"\0"
+            check(fi_setname(&self.ep.fid, <char*>name, len(name)), "fi_setname", prov)
         check(fi_enable(self.ep), "fi_enable", prov)
 
     def name(self):
