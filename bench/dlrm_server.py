@@ -1,6 +1,6 @@
 """Peak QPS under a p99 latency bound, MLPerf LoadGen server scenario, every backend.
 
-    python bench/dlrm_server.py            # P=4, no delays and --delay-ms 0:10 (~12 min)
+    python bench/dlrm_server.py            # P=4, no delays and --delay-ms 0:10 (~10 min)
     python bench/dlrm_server.py --quick    # a smoke run of the whole pipeline (~2 min)
 
 For mpi (bound 0, the reference DLRM), mpi-bls and bls at every bound of --bounds and
@@ -30,11 +30,11 @@ DELAYS = {"no delay": None, "delay 0-10 ms": "0:10"}
 
 
 def sweep(a: argparse.Namespace, backend: str, bounds: List[int], lag: int,
-          delay: Optional[str]) -> List[Dict[str, Any]]:
+          delay: Optional[str], qps: List[float]) -> List[Dict[str, Any]]:
     """One job: every bound x every offered QPS for one backend, lag and delay setting."""
     args = ["--scenario", "server", "--backend", backend, "--input-lag", str(lag),
             "--bound", ",".join(str(k) for k in bounds),
-            "--target-qps", ",".join(f"{q:g}" for q in a.qps),
+            "--target-qps", ",".join(f"{q:g}" for q in qps),
             "--duration-s", f"{a.duration_s:g}", "--batch-size", str(a.batch_size),
             "--max-wait-ms", f"{a.max_wait_ms:g}", "--rows-cap", str(a.rows_cap),
             "--num-batches", "8", "--warmup", "5", "--target-latency-ms", f"{a.latency_ms:g}"]
@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--qps", default="1000,2000,4000,6000,9000,12000",
                    help="offered QPS ladder (the job's total)")
+    p.add_argument("--delay-qps", default="100,250,500,750,1000,2000",
+                   help="offered QPS ladder with delays (0-10 ms per step caps the rate much lower)")
     p.add_argument("--bounds", default="1,2,4", help="bounds tried for mpi-bls and bls")
     p.add_argument("--lags", default="0,1", help="input lags tried for mpi-bls and bls")
     p.add_argument("--duration-s", type=float, default=3.0, help="LoadGen minimum duration")
@@ -77,8 +79,10 @@ def main() -> None:
                    help="two QPS levels, bound 2, 1 s runs: checks the pipeline, not the numbers")
     a = p.parse_args()
     if a.quick:
-        a.qps, a.bounds, a.lags, a.duration_s = "500,2000", "2", "0,1", 1.0
+        a.qps, a.delay_qps, a.bounds, a.lags, a.duration_s = "500,2000", "500", "2", "0,1", 1.0
     a.qps = [float(q) for q in a.qps.split(",")]
+    ladders = {name: a.qps if delay is None else [float(q) for q in a.delay_qps.split(",")]
+               for name, delay in DELAYS.items()}
     bounds = [int(k) for k in a.bounds.split(",")]
     lags = [int(k) for k in a.lags.split(",")]
     warn_if_busy()
@@ -88,7 +92,8 @@ def main() -> None:
     results: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
     peaks: Dict[str, Dict[str, float]] = {}
     for name, delay in DELAYS.items():
-        points = [pt for backend, ks, lag in configs for pt in sweep(a, backend, ks, lag, delay)]
+        points = [pt for backend, ks, lag in configs
+                  for pt in sweep(a, backend, ks, lag, delay, ladders[name])]
         series: Dict[str, List[Dict[str, Any]]] = {}
         for pt in points:
             lag = "" if pt["backend"] == "mpi" else f" lag={pt['input_lag']}"
@@ -116,7 +121,7 @@ def main() -> None:
             print(f"  {k}: " + ("-" if v is None else f"{v:.2f}"))
 
     save_json("dlrm_server.json", {
-        "ranks": a.ranks, "offered_qps": a.qps, "bounds_tried": bounds, "lags_tried": lags,
+        "ranks": a.ranks, "offered_qps": ladders, "bounds_tried": bounds, "lags_tried": lags,
         "duration_s": a.duration_s, "batch_size_per_rank": a.batch_size,
         "max_wait_ms": a.max_wait_ms, "latency_bound_ms": a.latency_ms, "rows_cap": a.rows_cap,
         "quick": a.quick, "series": results, "peak_qps": peaks, "ratios": checks,
