@@ -3,6 +3,8 @@
     python bench/alltoallv.py              # the whole sweep: P=2,4 x (shm|vader, tcp|tcp)
     python bench/alltoallv.py --quick      # fewer sizes and repeats
     python bench/alltoallv.py --provider shm --nprocs 2 --sizes 4096,65536 --sections latency
+    python bench/alltoallv.py --provider shm --nprocs 4 --sizes 32768 --sections latency \
+        --contenders MPI_Alltoallv,blsfab --results /some/dir   # a subset, results elsewhere
 
 The launcher runs one mpirun job per (P, provider), with Open MPI's matching
 transport (blsfab on shm against --mca btl vader,self; blsfab on tcp;ofi_rxm
@@ -149,6 +151,9 @@ def worker(args) -> None:
 
     def measure(contenders, n):
         """Interleave contenders over the repeats; return medians (s per unit)."""
+        if args.contenders:
+            contenders = {k: v for k, v in contenders.items()
+                          if k in args.contenders or k.startswith("MPI_Alltoallv")}
         for fn in contenders.values():
             fn(max(2, n // 5))  # warm-up
         samples = {name: [] for name in contenders}
@@ -257,7 +262,7 @@ def worker(args) -> None:
             log(f"  batch {nbytes:>4} B m={m:>2}  " + "  ".join(f"{k} {v:8.2f} us" for k, v in row["us"].items()))
 
     # ---- pipelined throughput ----------------------------------------------------------
-    for nbytes in (PIPE_SIZES if "pipeline" in args.sections else []):
+    for nbytes in ((args.pipe_sizes or PIPE_SIZES) if "pipeline" in args.sections else []):
         sspec, rspec, send = mpi_buffers(nbytes)
         counts = [nbytes] * size
         n = 400
@@ -351,7 +356,8 @@ def worker(args) -> None:
 # --------------------------------------------------------------------------- launcher
 
 def launch(args) -> int:
-    os.makedirs(RESULTS, exist_ok=True)
+    results = args.results
+    os.makedirs(results, exist_ok=True)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                FI_TCP_IFACE=os.environ.get("FI_TCP_IFACE", "lo"))
     env.pop("FI_PROVIDER", None)
@@ -362,7 +368,7 @@ def launch(args) -> int:
         if args.provider and provider != args.provider:
             continue
         for P in args.nprocs:
-            path = os.path.join(RESULTS, f"alltoallv_{provider}_P{P}.json")
+            path = os.path.join(results, f"alltoallv_{provider}_P{P}.json")
             cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "--mca", "btl", btl,
                    "-np", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--provider", provider, "--json", path, "--repeats", str(args.repeats),
@@ -371,6 +377,10 @@ def launch(args) -> int:
                    "--floor-lib", floor_lib] + (["--quick"] if args.quick else [])
             if args.sizes:
                 cmd += ["--sizes", ",".join(map(str, args.sizes))]
+            if args.pipe_sizes:
+                cmd += ["--pipe-sizes", ",".join(map(str, args.pipe_sizes))]
+            if args.contenders:
+                cmd += ["--contenders", ",".join(args.contenders)]
             print(f"[{time.time() - t_start:6.0f} s] P={P} blsfab {provider} vs Open MPI btl {btl}",
                   flush=True)
             subprocess.run(cmd, env=env, check=True)
@@ -378,14 +388,14 @@ def launch(args) -> int:
                 jobs.append(json.load(f))
     summary = {"command": " ".join(["python", "bench/alltoallv.py"] + sys.argv[1:]),
                "jobs": jobs}
-    with open(os.path.join(RESULTS, "alltoallv.json"), "w") as f:
+    with open(os.path.join(results, "alltoallv.json"), "w") as f:
         json.dump(summary, f, indent=1)
     text = report(jobs)
     print(text)
-    with open(os.path.join(RESULTS, "alltoallv.txt"), "w") as f:
+    with open(os.path.join(results, "alltoallv.txt"), "w") as f:
         f.write(f"$ {summary['command']}\n{text}\n")
-    plot(jobs)
-    print(f"\nwrote {os.path.relpath(RESULTS)}/alltoallv.json, alltoallv.txt and plots in "
+    plot(jobs, results)
+    print(f"\nwrote {os.path.relpath(results)}/alltoallv.json, alltoallv.txt and plots in "
           f"{time.time() - t_start:.0f} s")
     return 0
 
@@ -412,9 +422,9 @@ def report(jobs) -> str:
             for row in job["batch"]:
                 us = row["us"]
                 mpi = us["MPI_Alltoallv x m"]
-                say(f"{row['bytes']:>6} {row['m']:>3} {mpi:>9.2f} {us['blsfab unchained']:>10.2f} "
-                    f"{us['blsfab chained']:>9.2f} {us['blsfab unchained'] / mpi:>9.2f} "
-                    f"{us['blsfab chained'] / mpi:>12.2f}")
+                unch, ch = us.get("blsfab unchained", float("nan")), us.get("blsfab chained", float("nan"))
+                say(f"{row['bytes']:>6} {row['m']:>3} {mpi:>9.2f} {unch:>10.2f} {ch:>9.2f} "
+                    f"{unch / mpi:>9.2f} {ch / mpi:>12.2f}")
         if job["pipeline"]:
             say("-- pipelined throughput, thousand calls/s (ratio to blocking MPI_Alltoallv) --")
             for row in job["pipeline"]:
@@ -474,7 +484,8 @@ def targets(jobs):
                 for row in job["batch"]:
                     if row["bytes"] == 512 and row["m"] == 26:
                         us = row["us"]
-                        return us["blsfab chained"] / us["MPI_Alltoallv x m"], "P=2 512 B m=26"
+                        if "blsfab chained" in us:
+                            return us["blsfab chained"] / us["MPI_Alltoallv x m"], "P=2 512 B m=26"
         return None, ""
 
     le = lambda t: (lambda v: v <= t)  # noqa: E731
@@ -502,7 +513,7 @@ def targets(jobs):
     return rows
 
 
-def plot(jobs) -> None:
+def plot(jobs, results) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -525,7 +536,7 @@ def plot(jobs) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, f"alltoallv_{job['provider']}_P{job['P']}.png"), dpi=110)
+        fig.savefig(os.path.join(results, f"alltoallv_{job['provider']}_P{job['P']}.png"), dpi=110)
         plt.close(fig)
 
 
@@ -544,6 +555,13 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="blsfab wait timeout (s)")
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="latency sizes in bytes per peer, e.g. 4096,65536")
+    ap.add_argument("--pipe-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="pipeline sizes in bytes per peer, e.g. 65536")
+    ap.add_argument("--contenders", type=lambda s: s.split(","), default=None,
+                    help="run only these contenders (by name, e.g. 'blsfab,blsfab views'); "
+                         "MPI_Alltoallv, the baseline of every ratio, always runs")
+    ap.add_argument("--results", default=RESULTS,
+                    help="directory for the JSON, text and plots (default bench/results)")
     ap.add_argument("--sections", type=lambda s: s.split(","), default=SECTIONS,
                     help="subset of " + ",".join(SECTIONS))
     ap.add_argument("--floor-lib", default="", help=argparse.SUPPRESS)
