@@ -49,54 +49,25 @@ cdef class RingSender(RingProgress):
         all); others go unsignalled where the provider allows, with FI_MORE
         while more writes of the same post follow."""
         cdef Peer* p = &self.peers[dst]
-        cdef uint64_t seq = p.tx_seq
-        cdef size_t pos = seq % self.ring_slots
-        cdef char* buf = p.tx_stage + pos * self.slot_bytes
-        cdef uint32_t imm = bls_imm_encode(BLS_KIND_DATA, self.rank, seq)
-        cdef bint inject = length <= self.inject_limit
+        cdef size_t pos = p.tx_seq % self.ring_slots
         cdef iovec iov
         cdef fi_rma_iov rma
         cdef fi_msg_rma msg
         cdef uint64_t flags = FI_REMOTE_CQ_DATA
-        cdef ssize_t ret
-        cdef int rc
         if p.local:
             # Packed in place in the peer's ring: publishing is the whole write.
-            bls_shm_publish(&p.tx_published[pos], seq)
+            bls_shm_publish(&p.tx_published[pos], p.tx_seq)
             self.counters.puts += 1
-            p.tx_seq = seq + 1
+            p.tx_seq += 1
             return RC_OK
-        if not inject:
-            iov.iov_base, iov.iov_len = buf, length
-            rma.addr, rma.len, rma.key = p.ring_addr + pos * self.slot_bytes, length, p.key
-            msg.msg_iov, msg.desc, msg.iov_count = &iov, &self.tx_desc, 1
-            msg.addr, msg.rma_iov, msg.rma_iov_count = p.addr, &rma, 1
-            msg.context = &self.tx_ctx[dst * self.ring_slots + pos].ctx
-            msg.data = imm
-            if more:
-                flags |= FI_MORE
-            if not self.selective:
-                flags |= FI_COMPLETION
-        while True:
-            if inject:
-                ret = fi_inject_writedata(self.ep, buf, length, imm, p.addr,
-                                          p.ring_addr + pos * self.slot_bytes, p.key)
-            else:
-                ret = fi_writemsg(self.ep, &msg, flags)
-            if ret == 0:
-                break
-            if ret != -FI_EAGAIN:
-                return self.fail(RC_FABRIC, <int>ret, "fi_writedata", dst, 0, 0)
-            # Provider queue full, or tcp still connecting: progress and retry.
-            self.counters.eagain += 1
-            rc = self.wait_step(deadline, dst)
-            if rc < 0:
-                return rc
-        if inject:
-            self.counters.injects += 1
-        self.counters.puts += 1
-        p.tx_seq = seq + 1
-        return RC_OK
+        iov.iov_base, iov.iov_len = p.tx_stage + pos * self.slot_bytes, length
+        self.slot_message(dst, &iov, &self.tx_desc, 1, length, &rma, &msg,
+                          &self.tx_ctx[dst * self.ring_slots + pos].ctx)
+        if more:
+            flags |= FI_MORE
+        if not self.selective:
+            flags |= FI_COMPLETION
+        return self.post_write(dst, &msg, flags, length <= self.inject_limit, deadline)
 
     cdef int write_slot_zero_copy(self, int dst, size_t header, const char* payload, size_t n,
                                   bint more, IterState* st, double deadline) noexcept nogil:
@@ -104,24 +75,18 @@ cdef class RingSender(RingProgress):
         from staging, then the payload straight from the caller's buffer. The
         iteration completes only after this write's local completion."""
         cdef Peer* p = &self.peers[dst]
-        cdef uint64_t seq = p.tx_seq
-        cdef size_t pos = seq % self.ring_slots
-        cdef size_t i = dst * self.ring_slots + pos
+        cdef size_t i = dst * self.ring_slots + p.tx_seq % self.ring_slots
         cdef iovec iov[2]
         cdef void* desc[2]
         cdef fi_rma_iov rma
         cdef fi_msg_rma msg
         cdef uint64_t flags = FI_REMOTE_CQ_DATA | FI_COMPLETION
-        cdef ssize_t ret
         cdef int rc
-        iov[0].iov_base, iov[0].iov_len = p.tx_stage + pos * self.slot_bytes, header
+        iov[0].iov_base = p.tx_stage + (p.tx_seq % self.ring_slots) * self.slot_bytes
+        iov[0].iov_len = header
         iov[1].iov_base, iov[1].iov_len = <void*>payload, n
         desc[0], desc[1] = self.tx_desc, NULL
-        rma.addr, rma.len, rma.key = p.ring_addr + pos * self.slot_bytes, header + n, p.key
-        msg.msg_iov, msg.desc, msg.iov_count = iov, desc, 2
-        msg.addr, msg.rma_iov, msg.rma_iov_count = p.addr, &rma, 1
-        msg.context = &self.zero_copy_ctx[i].ctx
-        msg.data = bls_imm_encode(BLS_KIND_DATA, self.rank, seq)
+        self.slot_message(dst, iov, desc, 2, header + n, &rma, &msg, &self.zero_copy_ctx[i].ctx)
         if more:
             flags |= FI_MORE
         # The receiver may free a slot before our write of it completes here:
@@ -130,22 +95,58 @@ cdef class RingSender(RingProgress):
             rc = self.wait_step(deadline, dst)
             if rc < 0:
                 return rc
-        while True:
-            ret = fi_writemsg(self.ep, &msg, flags)
-            if ret == 0:
-                break
-            if ret != -FI_EAGAIN:
-                return self.fail(RC_FABRIC, <int>ret, "fi_writemsg", dst, 0, 0)
-            self.counters.eagain += 1
-            rc = self.wait_step(deadline, dst)
-            if rc < 0:
-                return rc
+        rc = self.post_write(dst, &msg, flags, False, deadline)
+        if rc < 0:
+            return rc
         self.tx_zero_copy[i] = st
         st.tx_pending += 1
         self.zero_copy_inflight += 1
         self.counters.zero_copy += 1
+        return RC_OK
+
+    cdef inline void slot_message(self, int dst, iovec* iov, void** desc, size_t iov_count,
+                                  size_t length, fi_rma_iov* rma, fi_msg_rma* msg,
+                                  void* context) noexcept nogil:
+        """Describe the write of slot ``tx_seq`` to ``dst``: ``length`` bytes
+        gathered from ``iov``, into that slot of our ring on the peer, with
+        the slot's notification as remote CQ data."""
+        cdef Peer* p = &self.peers[dst]
+        rma.addr = p.ring_addr + (p.tx_seq % self.ring_slots) * self.slot_bytes
+        rma.len, rma.key = length, p.key
+        msg.msg_iov, msg.desc, msg.iov_count = iov, desc, iov_count
+        msg.addr, msg.rma_iov, msg.rma_iov_count = p.addr, rma, 1
+        msg.context = context
+        msg.data = bls_imm_encode(BLS_KIND_DATA, self.rank, p.tx_seq)
+
+    cdef int post_write(self, int dst, fi_msg_rma* msg, uint64_t flags, bint inject,
+                        double deadline) noexcept nogil:
+        """Post the write ``msg`` describes (one slot and its notification),
+        retrying while the provider's queue is full or a tcp connection is
+        still being made, then count it: the slot's sequence number is used.
+        ``inject`` sends its single iov with fi_inject_writedata instead,
+        which needs no completion and leaves the buffer free at once."""
+        cdef ssize_t ret
+        cdef int rc
+        while True:
+            if inject:
+                ret = fi_inject_writedata(self.ep, msg.msg_iov[0].iov_base, msg.msg_iov[0].iov_len,
+                                          msg.data, msg.addr, msg.rma_iov[0].addr,
+                                          msg.rma_iov[0].key)
+            else:
+                ret = fi_writemsg(self.ep, msg, flags)
+            if ret == 0:
+                break
+            if ret != -FI_EAGAIN:
+                return self.fail(RC_FABRIC, <int>ret,
+                                 "fi_inject_writedata" if inject else "fi_writemsg", dst, 0, 0)
+            self.counters.eagain += 1
+            rc = self.wait_step(deadline, dst)
+            if rc < 0:
+                return rc
+        if inject:
+            self.counters.injects += 1
         self.counters.puts += 1
-        p.tx_seq = seq + 1
+        self.peers[dst].tx_seq += 1
         return RC_OK
 
     cdef int drain_writes(self, IterState* st, double deadline) noexcept nogil:
