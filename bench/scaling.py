@@ -27,14 +27,19 @@ def round_up(n, to):
     return (n + to - 1) // to * to
 
 
-def model(P, local_ranks, bound, slot_bytes, local):
+def model(P, local_ranks, bound, slot_bytes, local, zero_copy=16384):
     """Bytes and operations per rank, as docs/scaling.md derives them."""
     k = 2 * bound + 2                             # slots per sender ring
     ring = round_up(k * slot_bytes + 64, PAGE)    # one registered ring + its tail word
+    # Same-host peers on shared rings: their fabric ring is the tail word only.
+    shared_peers = local_ranks - 1 if local == "shared" else 0
+    fabric_peers = P - 1 - shared_peers
+    # Staging holds what is copied: records below the zero-copy threshold, and headers.
+    stage_slot = min(slot_bytes, 40 + round_up(zero_copy, 8)) if zero_copy else slot_bytes
     out = {
         "ring_slots": k,
-        "ring_bytes": (P - 1) * ring,
-        "staging_bytes": round_up((P - 1) * k * slot_bytes, PAGE),
+        "ring_bytes": fabric_peers * ring + shared_peers * PAGE,
+        "staging_bytes": round_up(fabric_peers * k * stage_slot, PAGE),
         "shared_bytes": 0,
         "writes_per_iteration": P - 1,
     }
@@ -61,7 +66,7 @@ def main():
         comm.ialltoallv(send, [per_peer] * P).wait()
     st = comm.stats()
     comm.close()
-    want = model(P, P, args.bound, comm.slot_bytes, args.local)
+    want = model(P, P, args.bound, comm.slot_bytes, args.local, st["zero_copy_bytes"])
     got = {"ring_slots": st["ring_slots"], "ring_bytes": st["ring_bytes"],
            "staging_bytes": st["staging_bytes"], "shared_bytes": st["shared_bytes"],
            "writes_per_iteration": st["puts"] / args.iters}

@@ -173,6 +173,7 @@ class Communicator:
                 region_name=endpoint_region_name(token, self.rank) if named_regions else None)
             engine.set_zero_copy(zero_copy)
             if shared:
+                engine.plan_shared_rings(local_group)
                 self._rings = NodeLocalRings(self.rank, local_group, token, ring_slots,
                                              self.slot_bytes)
             return engine.local_address()

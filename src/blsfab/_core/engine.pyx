@@ -43,7 +43,8 @@ cdef class RingEngine(RingSender):
     cdef Endpoint ep_obj
     cdef list rx_regions                # per sender rank: its ring, its own key
     cdef object shared_rings            # node_local.NodeLocalRings, while in use
-    cdef RegisteredBuffer tx_region
+    cdef RegisteredBuffer tx_region     # staging, for fabric peers only
+    cdef bint memory_registered
 
     def __cinit__(self, FabricInfo info not None, int rank, int size, size_t slot_bytes,
                   int ring_slots, int window, str region_name=None):
@@ -93,31 +94,71 @@ cdef class RingEngine(RingSender):
         self.selective = self.ep_obj.selective_completion
         self.check_source = info.source_addresses
 
-        # One region per sender ring, each under its own random key that only
-        # that sender learns: a peer can address no ring but its own.
-        self.rx_regions = [None] * size
-        cdef size_t stage_bytes = <size_t>ring_slots * slot_bytes
-        self.tx_region = register_with_random_key(self.domain_obj, (size - 1) * stage_bytes,
-                                                  FI_WRITE, self.ep_obj)
-        self.tx_desc = self.tx_region.desc
-        cdef int r, i
+        cdef int r
         cdef Peer* p
-        cdef RegisteredBuffer ring
         for r in range(size):
             if r == rank:
                 continue
-            ring = register_with_random_key(self.domain_obj, self.ring_bytes, FI_REMOTE_WRITE,
-                                            self.ep_obj)
-            self.rx_regions[r] = ring
             p = &self.peers[r]
-            i = r if r < rank else r - 1
-            p.rx_ring = ring.base
-            p.tx_stage = self.tx_region.base + i * stage_bytes
             p.rx_landed = <uint64_t*>calloc(ring_slots, sizeof(uint64_t))
             p.rx_holds = <uint32_t*>calloc(ring_slots, sizeof(uint32_t))
             if p.rx_landed == NULL or p.rx_holds == NULL:
                 raise MemoryError("engine bookkeeping")
+        # Rings and staging are registered by local_address(), once
+        # set_zero_copy() and plan_shared_rings() have said how large.
+        self.rx_regions = [None] * size
+        self.stage_slot_bytes = slot_bytes
         self.closed = False
+
+    cdef int register_memory(self) except -1:
+        """Register one region per sender ring, each under its own random key
+        that only that sender learns (a peer can address no ring but its
+        own), and the staging slots. A shared-ring peer's fabric ring only
+        ever receives bare notifications, so it is just the notification
+        word, and it needs no staging."""
+        cdef int r, i = 0
+        cdef Peer* p
+        cdef RegisteredBuffer ring
+        cdef int fabric_peers = 0
+        cdef size_t stage_bytes = <size_t>self.ring_slots * self.stage_slot_bytes
+        if self.memory_registered:
+            return 0
+        for r in range(self.size):
+            if r != self.rank and not self.peers[r].notify_only:
+                fabric_peers += 1
+        if fabric_peers:
+            self.tx_region = register_with_random_key(self.domain_obj, fabric_peers * stage_bytes,
+                                                      FI_WRITE, self.ep_obj)
+            self.tx_desc = self.tx_region.desc
+        for r in range(self.size):
+            if r == self.rank:
+                continue
+            p = &self.peers[r]
+            ring = register_with_random_key(
+                self.domain_obj, sizeof(uint64_t) if p.notify_only else self.ring_bytes,
+                FI_REMOTE_WRITE, self.ep_obj)
+            self.rx_regions[r] = ring
+            if not p.notify_only:
+                p.rx_ring = ring.base
+                p.tx_stage = self.tx_region.base + i * stage_bytes
+                i += 1
+        self.memory_registered = True
+        return 0
+
+    def plan_shared_rings(self, local_ranks):
+        """Say which peers will move onto shared rings (use_shared_rings()):
+        their fabric rings then carry bare notifications only, so neither
+        those rings nor staging for them are registered at full size. Every
+        rank of the host must plan the same group; call it before
+        local_address()."""
+        cdef int r
+        if self.memory_registered:
+            raise RuntimeError("plan_shared_rings() must come before local_address()")
+        for r in local_ranks:
+            if not 0 <= r < self.size:
+                raise ValueError(f"local rank {r} is not in 0..{self.size - 1}")
+            if r != self.rank:
+                self.peers[r].notify_only = True
 
     # ---- set-up: address blobs ---------------------------------------------------
 
@@ -134,6 +175,7 @@ cdef class RingEngine(RingSender):
         cdef RegisteredBuffer ring
         cdef bytes name = self.ep_obj.name()
         cdef size_t name_room = bls_align(len(name))
+        self.register_memory()
         cdef size_t total = sizeof(hdr) + name_room + <size_t>self.size * sizeof(entry)
         cdef bytearray blob = bytearray(total)
         cdef char* out = blob
@@ -238,7 +280,9 @@ cdef class RingEngine(RingSender):
                                   f"refused: {exc}", provider=self.provider, errno=exc.errno,
                                   strerror=exc.strerror) from exc
             p.ring_addr = mine.addr
-            p.scratch_addr = mine.addr + <uint64_t>self.ring_slots * self.slot_bytes
+            # A shared-ring peer registered only the notification word for us.
+            p.scratch_addr = mine.addr + (0 if p.notify_only
+                                          else <uint64_t>self.ring_slots * self.slot_bytes)
             p.key = mine.key
 
     def use_shared_rings(self, rings):
@@ -255,6 +299,11 @@ cdef class RingEngine(RingSender):
         if own is None or own.ring_slots != <uint64_t>self.ring_slots or own.slot_bytes != self.slot_bytes:
             raise ValueError(f"shared rings of {own!r} do not match ring_slots="
                              f"{self.ring_slots}, slot_bytes={self.slot_bytes}")
+        planned = [r for r in range(self.size) if r != self.rank and self.peers[r].notify_only]
+        if sorted(r for r in rings.local if r != self.rank) != planned:
+            raise ValueError(f"shared rings with ranks {list(rings.local)} were not planned: "
+                             f"plan_shared_rings() named {planned}; plan the same group "
+                             "before local_address()")
         for r in rings.local:
             if r == self.rank:
                 continue
@@ -279,8 +328,15 @@ cdef class RingEngine(RingSender):
         peers straight from the caller's buffer, in a 2-iov write with the
         header from staging. Providers that need local registration
         (FI_MR_LOCAL, e.g. verbs) keep staging: the caller's memory is not
-        registered. Returns the threshold in effect."""
+        registered. Staging then holds only what is copied: records below the
+        threshold, and headers. Call it before local_address(). Returns the
+        threshold in effect."""
+        if self.memory_registered:
+            raise RuntimeError("set_zero_copy() must come before local_address()")
         self.zero_copy_bytes = 0 if self.info.mr_mode & FI_MR_LOCAL else threshold
+        self.stage_slot_bytes = self.slot_bytes
+        if self.zero_copy_bytes and SLOT_OVERHEAD + bls_align(self.zero_copy_bytes) < self.slot_bytes:
+            self.stage_slot_bytes = SLOT_OVERHEAD + bls_align(self.zero_copy_bytes)
         return self.zero_copy_bytes
 
     def paths(self):

@@ -51,6 +51,9 @@ cdef class RingReceiver(RingState):
                         return self.protocol_error(PE_CREDIT_UNSENT, src, p.tx_credit + delta)
                     p.tx_credit += delta
             return RC_OK
+        if p.notify_only:
+            # Its slots land in shared memory; its fabric ring is one word.
+            return self.protocol_error(PE_DATA_ON_SHARED, src, 0)
         delta = bls_imm_count_delta(imm, p.rx_consumed)
         if delta < 0 or delta >= self.ring_slots:
             return self.protocol_error(PE_OUTSIDE_WINDOW, src, delta)

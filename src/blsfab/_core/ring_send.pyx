@@ -60,7 +60,7 @@ cdef class RingSender(RingProgress):
             self.counters.puts += 1
             p.tx_seq += 1
             return RC_OK
-        iov.iov_base, iov.iov_len = p.tx_stage + pos * self.slot_bytes, length
+        iov.iov_base, iov.iov_len = p.tx_stage + pos * self.stage_slot_bytes, length
         self.slot_message(dst, &iov, &self.tx_desc, 1, length, &rma, &msg,
                           &self.tx_ctx[dst * self.ring_slots + pos].ctx)
         if more:
@@ -82,7 +82,7 @@ cdef class RingSender(RingProgress):
         cdef fi_msg_rma msg
         cdef uint64_t flags = FI_REMOTE_CQ_DATA | FI_COMPLETION
         cdef int rc
-        iov[0].iov_base = p.tx_stage + (p.tx_seq % self.ring_slots) * self.slot_bytes
+        iov[0].iov_base = p.tx_stage + (p.tx_seq % self.ring_slots) * self.stage_slot_bytes
         iov[0].iov_len = header
         iov[1].iov_base, iov[1].iov_len = <void*>payload, n
         desc[0], desc[1] = self.tx_desc, NULL
@@ -164,7 +164,7 @@ cdef class RingSender(RingProgress):
         rank's own messages are delivered last, once every write is out: a
         post that fails before its first write has changed nothing."""
         cdef int k, j, dst, rc
-        cdef size_t off, n, need
+        cdef size_t off, n, need, limit
         cdef char* stage
         cdef bls_slot_header_t* hdr
         cdef Peer* p
@@ -179,8 +179,11 @@ cdef class RingSender(RingProgress):
                 rc = self.acquire_slot(dst, deadline)
                 if rc < 0:
                     return rc
+                # Packed straight into the peer's shared ring, or into staging,
+                # which holds less than a slot when large records skip it.
+                limit = self.slot_bytes if p.local else self.stage_slot_bytes
                 stage = ((p.tx_shared if p.local else p.tx_stage)
-                         + (p.tx_seq % self.ring_slots) * self.slot_bytes)
+                         + (p.tx_seq % self.ring_slots) * limit)
                 hdr = <bls_slot_header_t*>stage
                 hdr.seq = p.tx_seq
                 hdr.first_iteration = <uint64_t>items[k].state.iteration
@@ -191,7 +194,7 @@ cdef class RingSender(RingProgress):
                 while k < m:
                     n = items[k].counts[dst] * items[k].itemsize
                     need = sizeof(bls_record_header_t) + bls_align(n)
-                    if off + need > self.slot_bytes and hdr.nrecords > 0:
+                    if off + need > limit and hdr.nrecords > 0:
                         break  # next record starts the next slot
                     payload = items[k].data + items[k].displs[dst] * items[k].itemsize
                     (<bls_record_header_t*>(stage + off)).word = bls_record_pack(n, items[k].dtype)

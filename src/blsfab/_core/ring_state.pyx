@@ -24,6 +24,7 @@ cdef class RingState:
 
     cdef readonly int rank, size
     cdef readonly size_t slot_bytes
+    cdef readonly size_t stage_slot_bytes  # one staging slot: slot_bytes, or less with zero-copy
     cdef readonly int ring_slots
     cdef readonly str provider
     cdef readonly size_t inject_size

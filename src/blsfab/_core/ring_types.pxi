@@ -39,6 +39,7 @@ cdef enum:
     PE_WANT_UNSENT = 9
     PE_RECORD_COUNT = 10
     PE_SPOOFED = 11
+    PE_DATA_ON_SHARED = 12
 
 PROTOCOL_ERRORS = {
     PE_NOT_A_PEER: "a notification names rank {rank}, which is not a peer",
@@ -54,6 +55,8 @@ PROTOCOL_ERRORS = {
     PE_WANT_UNSENT: "rank {rank} asked for a credit of {value} slots, beyond anything it sent",
     PE_RECORD_COUNT: "rank {rank} sent a slot claiming {value} records, more than fit a slot",
     PE_SPOOFED: "a notification naming rank {value} came from rank {rank}'s endpoint",
+    PE_DATA_ON_SHARED: "rank {rank} announced a slot through the fabric, but it writes to this "
+                       "rank through shared rings",
 }
 
 cdef struct Peer:
@@ -81,6 +84,8 @@ cdef struct Peer:
     # credit report. Bare notifications (greeting, WANT, credit answers) still
     # use the fabric.
     bint local
+    bint notify_only        # planned for the node-local path: our fabric ring
+                            # for it (and its for us) is only the notification word
     char* tx_shared         # our ring in the peer's segment: we pack slots there
     uint64_t* tx_published  # its landed words: we publish each slot with release
     uint64_t* tx_consumed   # its consumed word: the peer's credit, acquire
