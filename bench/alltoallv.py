@@ -5,6 +5,8 @@
     python bench/alltoallv.py --provider shm --nprocs 2 --sizes 4096,65536 --sections latency
     python bench/alltoallv.py --provider shm --nprocs 4 --sizes 32768 --sections latency \
         --contenders MPI_Alltoallv,blsfab --results /some/dir   # a subset, results elsewhere
+    python bench/alltoallv.py --provider tcp --nprocs 2 --sections latency \
+        --zero-copy 0,8192,65536 --contenders none    # the zero-copy threshold, side by side
 
 The launcher runs one mpirun job per (P, provider), with Open MPI's matching
 transport (blsfab on shm against --mca btl vader,self; blsfab on tcp;ofi_rxm
@@ -128,13 +130,23 @@ def worker(args) -> None:
     # the tcp jobs measure the provider itself.
     default_local = "shared" if args.provider == "shm" else "fabric"
 
-    def comm_for(bound, slot_bytes, progress="poll", local=default_local):
-        key = (bound, slot_bytes, progress, local)
+    def comm_for(bound, slot_bytes, progress="poll", local=default_local, zero_copy=None):
+        key = (bound, slot_bytes, progress, local) + ((zero_copy,) if zero_copy is not None else ())
         if key not in comms:
-            comms[key] = blsfab.Communicator(bound=bound, slot_bytes=slot_bytes,
-                                             provider=args.provider, timeout=args.timeout,
-                                             chain_threshold=args.chain_threshold,
-                                             progress=progress, local=local)
+            saved = os.environ.get("BLSFAB_ZERO_COPY_BYTES")
+            if zero_copy is not None:  # read by the Communicator when it is built
+                os.environ["BLSFAB_ZERO_COPY_BYTES"] = str(zero_copy)
+            try:
+                comms[key] = blsfab.Communicator(bound=bound, slot_bytes=slot_bytes,
+                                                 provider=args.provider, timeout=args.timeout,
+                                                 chain_threshold=args.chain_threshold,
+                                                 progress=progress, local=local)
+            finally:
+                if zero_copy is not None:
+                    if saved is None:
+                        os.environ.pop("BLSFAB_ZERO_COPY_BYTES")
+                    else:
+                        os.environ["BLSFAB_ZERO_COPY_BYTES"] = saved
         return comms[key]
 
     def log(msg):
@@ -152,8 +164,9 @@ def worker(args) -> None:
     def measure(contenders, n):
         """Interleave contenders over the repeats; return medians (s per unit)."""
         if args.contenders:
-            contenders = {k: v for k, v in contenders.items()
-                          if k in args.contenders or k.startswith("MPI_Alltoallv")}
+            # The baseline stays, and so do thresholds asked for with --zero-copy.
+            contenders = {k: v for k, v in contenders.items() if k in args.contenders
+                          or k.startswith(("MPI_Alltoallv", "blsfab fabric zc="))}
         for fn in contenders.values():
             fn(max(2, n // 5))  # warm-up
         samples = {name: [] for name in contenders}
@@ -216,6 +229,15 @@ def worker(args) -> None:
                     comm.ialltoallv(send, counts).wait()
 
             contenders["blsfab local=fabric"] = blsfab_fabric
+        for threshold in args.zero_copy or []:
+            # The same fabric-path exchange with another zero-copy threshold.
+            zc = comm_for(0, max(4096, nbytes + 64), local="fabric", zero_copy=threshold)
+
+            def blsfab_threshold(n, comm=zc):
+                for _ in range(n):
+                    comm.ialltoallv(send, counts).wait()
+
+            contenders[f"blsfab fabric zc={threshold}"] = blsfab_threshold
         if floor is not None:
             if args.provider == "shm":
                 contenders["floor direct in place"] = floor.direct(nbytes, False)
@@ -344,7 +366,9 @@ def worker(args) -> None:
         log(f"  overlap {nbytes:>6} B +{compute * 1e6:.0f} us  " +
             "  ".join(f"{k2} {v:8.2f} us" for k2, v in row["us"].items()))
 
-    stats = {f"bound={b},slot={s},{p},local={l}": c.stats() for (b, s, p, l), c in comms.items()}
+    stats = {",".join(f"{name}={v}" for name, v in zip(("bound", "slot", "progress", "local",
+                                                           "zero_copy"), key)): c.stats()
+             for key, c in comms.items()}
     for c in comms.values():
         c.close()
     if rank == 0:
@@ -381,6 +405,8 @@ def launch(args) -> int:
                 cmd += ["--pipe-sizes", ",".join(map(str, args.pipe_sizes))]
             if args.contenders:
                 cmd += ["--contenders", ",".join(args.contenders)]
+            if args.zero_copy:
+                cmd += ["--zero-copy", ",".join(map(str, args.zero_copy))]
             print(f"[{time.time() - t_start:6.0f} s] P={P} blsfab {provider} vs Open MPI btl {btl}",
                   flush=True)
             subprocess.run(cmd, env=env, check=True)
@@ -560,6 +586,9 @@ def main() -> int:
     ap.add_argument("--contenders", type=lambda s: s.split(","), default=None,
                     help="run only these contenders (by name, e.g. 'blsfab,blsfab views'); "
                          "MPI_Alltoallv, the baseline of every ratio, always runs")
+    ap.add_argument("--zero-copy", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="latency: also run the fabric path with these zero-copy thresholds "
+                         "(bytes; 0 = off), e.g. 0,4096,65536, to tune ZERO_COPY_BYTES")
     ap.add_argument("--results", default=RESULTS,
                     help="directory for the JSON, text and plots (default bench/results)")
     ap.add_argument("--sections", type=lambda s: s.split(","), default=SECTIONS,
