@@ -165,6 +165,7 @@ cdef class RingSender(RingProgress):
         post that fails before its first write has changed nothing."""
         cdef int k, j, dst, rc
         cdef size_t off, n, need, limit
+        cdef uint64_t credit
         cdef char* stage
         cdef bls_slot_header_t* hdr
         cdef Peer* p
@@ -213,7 +214,8 @@ cdef class RingSender(RingProgress):
                     hdr.nrecords += 1
                     self.counters.bytes_sent += n
                     k += 1
-                hdr.credit = p.rx_consumed  # piggy-backed credit
+                credit = p.rx_consumed
+                hdr.credit = credit  # piggy-backed credit
                 # FI_MORE only while more slots for this same peer follow: a
                 # provider that batches per connection flushes at the last one.
                 if zero_copy != NULL:
@@ -223,7 +225,11 @@ cdef class RingSender(RingProgress):
                     rc = self.write_slot(dst, off, k < m, deadline)
                 if rc < 0:
                     return rc
-                p.rx_reported = hdr.credit
+                # A write that had to wait progressed meanwhile, and may have
+                # answered a WANT with a newer credit: what we reported only
+                # ever grows (a peer's WANT is measured from it).
+                if credit > p.rx_reported:
+                    p.rx_reported = credit
         for k in range(m):
             items[k].state.posted = True
             # The self part stays in the sendbuf until the result is assembled:
