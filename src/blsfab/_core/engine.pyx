@@ -382,16 +382,11 @@ cdef class RingEngine(RingSender):
                 return rc
         return RC_OK
 
-    cdef bint writes_pending_before(self, int64_t need) noexcept nogil:
-        cdef int64_t i
-        cdef IterState* st
-        if self.zero_copy_inflight == 0:
-            return False
-        for i in range(self.window_mask + 1):
-            st = self.window[i]
-            if st != NULL and st.iteration < need and st.tx_pending > 0:
-                return True
-        return False
+    cdef inline bint writes_pending_before(self, int64_t need) noexcept nogil:
+        """Does a zero-copy write of an iteration below ``need`` still read
+        its send buffer? Checked on every poll of the bound wait, so it is
+        one comparison: on_write_done keeps zero_copy_low current."""
+        return self.zero_copy_inflight > 0 and self.zero_copy_low < need
 
     cdef int wait_state(self, IterState* st, double deadline) noexcept nogil:
         cdef int rc

@@ -101,9 +101,23 @@ cdef class RingProgress(RingReceiver):
         self.tx_zero_copy[i] = NULL
         st.tx_pending -= 1
         self.zero_copy_inflight -= 1
+        if st.tx_pending == 0 and st.iteration == self.zero_copy_low:
+            self.find_zero_copy_low()
         if st.tx_pending == 0 and st.posted and st.arrived == st.nranks and not st.detached:
             return self.complete(st)
         return RC_OK
+
+    cdef void find_zero_copy_low(self) noexcept nogil:
+        """The oldest iteration still reading its send buffer, from the writes
+        in flight (one entry per peer and slot: a short scan, done only when
+        the oldest one finishes, never per poll)."""
+        cdef size_t i
+        cdef IterState* st
+        self.zero_copy_low = INT64_MAX
+        for i in range(<size_t>self.size * self.ring_slots):
+            st = self.tx_zero_copy[i]
+            if st != NULL and st.iteration < self.zero_copy_low:
+                self.zero_copy_low = st.iteration
 
     cdef void read_cq_error(self) noexcept nogil:
         """Keep the error completion at the head of the CQ for the report."""

@@ -100,6 +100,8 @@ cdef class RingSender(RingProgress):
             return rc
         self.tx_zero_copy[i] = st
         st.tx_pending += 1
+        if self.zero_copy_inflight == 0 or st.iteration < self.zero_copy_low:
+            self.zero_copy_low = st.iteration
         self.zero_copy_inflight += 1
         self.counters.zero_copy += 1
         return RC_OK

@@ -57,6 +57,7 @@ cdef class RingState:
     cdef IterState** tx_zero_copy
     cdef TxContext* zero_copy_ctx       # contexts of zero-copy writes only
     cdef int64_t zero_copy_inflight
+    cdef int64_t zero_copy_low          # oldest iteration with such a write in flight
     cdef readonly int64_t view_holds    # ring slots held by live views
     # One CQ batch; entries not yet handled survive a failed poll.
     cdef fi_cq_data_entry batch[16]
