@@ -261,6 +261,7 @@ cdef class RingEngine(RingSender):
         cdef bls_ring_address_t mine
         cdef bytes name
         self.check_usable(False)
+        self.register_memory()  # normally done by local_address(); never traffic without it
         if len(blobs) != self.size:
             raise ValueError(f"connect needs {self.size} address blobs, one per rank; "
                              f"got {len(blobs)}")
