@@ -25,6 +25,10 @@ Sections:
   pipeline   n alltoallvs with at most k outstanding (k = bound), calls per second
   overlap    the same pipeline (k = 2) with compute between calls: progress by
              polling inside calls, or by a background thread (progress="thread")
+  breakdown  (only when named) per rank, where one blsfab call's time goes: in
+             ialltoallv() (the copies in, the writes and the bound wait) and in
+             wait() or views() (the copies out), with in-place, spill and zero-copy
+             counts per call; a profiling aid, not part of the sweep
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ PIPE_K = [0, 1, 4, 8]
 OVERLAP = [(8, 10e-6), (4096, 20e-6), (65536, 50e-6)]  # (bytes per peer, compute per call)
 JOBS = [("shm", "vader,self"), ("tcp", "tcp,self")]
 SECTIONS = ["latency", "batch", "pipeline", "overlap"]
+EXTRA_SECTIONS = ["breakdown"]  # run only when asked for
 FABRIC_NAMES = {"shm": "shm", "tcp": "tcp;ofi_rxm"}
 FLOOR_SOURCE = os.path.join(HERE, "floor.c")
 FLOOR_LIBRARY = os.path.join(HERE, "build", "libblsfloor.so")
@@ -366,6 +371,47 @@ def worker(args) -> None:
         log(f"  overlap {nbytes:>6} B +{compute * 1e6:.0f} us  " +
             "  ".join(f"{k2} {v:8.2f} us" for k2, v in row["us"].items()))
 
+    # ---- breakdown: where one blsfab call spends its time ------------------------------
+    for nbytes in (sizes if "breakdown" in args.sections else []):
+        counts = [nbytes] * size
+        send = np.full(nbytes * size, rank, dtype=np.uint8)
+        paths = [default_local] + (["fabric"] if default_local == "shared" else [])
+        for local in paths:
+            bls = comm_for(0, max(4096, nbytes + 64), local=local)
+            for how in ("wait", "views"):
+                n = iterations_for(nbytes)
+                for _ in range(max(2, n // 5)):  # warm-up
+                    bls.ialltoallv(send, counts).wait()
+                before = bls.stats()
+                world.Barrier()
+                post = take = 0.0
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    t1 = time.perf_counter()
+                    req = bls.ialltoallv(send, counts)
+                    t2 = time.perf_counter()
+                    if how == "views":
+                        with req.views():
+                            pass
+                    else:
+                        req.wait()
+                    post += t2 - t1
+                    take += time.perf_counter() - t2
+                total = time.perf_counter() - t0
+                after = bls.stats()
+                mine = {"call_us": total / n * 1e6, "post_us": post / n * 1e6,
+                        "receive_us": take / n * 1e6}
+                mine.update({k: (after[k] - before[k]) / n for k in
+                             ("in_place", "spilled", "zero_copy", "eagain_retries",
+                              "blocked_posts")})
+                rows = world.gather(mine, root=0)
+                if rank == 0:
+                    row = {"bytes": nbytes, "local": local, "receive": how, "ranks": rows}
+                    out.setdefault("breakdown", []).append(row)
+                    log(f"  breakdown {nbytes:>8} B {local:>6} {how:>5}: " + "  ".join(
+                        f"r{r} {x['call_us']:.1f} us = ialltoallv {x['post_us']:.1f} + "
+                        f"{how} {x['receive_us']:.1f}" for r, x in enumerate(rows)))
+
     stats = {",".join(f"{name}={v}" for name, v in zip(("bound", "slot", "progress", "local",
                                                            "zero_copy"), key)): c.stats()
              for key, c in comms.items()}
@@ -592,7 +638,7 @@ def main() -> int:
     ap.add_argument("--results", default=RESULTS,
                     help="directory for the JSON, text and plots (default bench/results)")
     ap.add_argument("--sections", type=lambda s: s.split(","), default=SECTIONS,
-                    help="subset of " + ",".join(SECTIONS))
+                    help="subset of " + ",".join(SECTIONS + EXTRA_SECTIONS))
     ap.add_argument("--floor-lib", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.chain_threshold is None:
