@@ -82,6 +82,21 @@ class Backend:
         """Progress ``handle`` and say whether ``finish`` would return without waiting."""
         return self.synchronous
 
+    def wait_until(self, handle: Any, deadline: float) -> bool:
+        """Progress ``handle`` until it is done or ``time.perf_counter()`` passes
+        ``deadline``; whether it is done.  Between tests the rank gives up its core
+        (sleeps ``--poll-us``, or yields): with more ranks than cores, the rank waited
+        for may be the one that needs it."""
+        poll_s = getattr(self, "poll_s", 0.0)
+        while not self.done(handle):
+            if time.perf_counter() >= deadline:
+                return False
+            if poll_s > 0:
+                time.sleep(poll_s)
+            else:
+                os.sched_yield()
+        return True
+
     def quiesce(self) -> None:
         """Called with nothing in flight, before a control-plane barrier: make sure no
         peer still needs this rank's progress (no-op by default)."""

@@ -10,10 +10,12 @@ One step for global batch ``b`` on rank ``r``:
 4. bottom MLP on r's slice while the exchange is in flight;
 5. push (handle, bottom output) on a FIFO and finish batches from its head:
    wait, interaction, top MLP -> predictions.  ``complete="eager"`` (the default)
-   finishes every head entry whose exchange has already completed, then, like
-   ``"lazy"`` (the paper's rule), waits for the oldest while the FIFO holds more
-   than ``bound`` entries.  Eager completion changes when a prediction is made,
-   never what it is, and never the order of the exchanges;
+   finishes every head entry whose exchange has already completed, then, with the
+   latency policy (``--patience-ms``, see patience.py), waits on each head in turn
+   until that head has been waited on for the rank's patience, and then, like ``"lazy"`` (the paper's
+   rule), waits for the oldest while the FIFO holds more than ``bound`` entries.
+   Neither changes what a prediction is, nor the order of the exchanges: only when
+   a prediction is made;
 6. after the last batch, drain the FIFO.
 
 ``Pipeline`` holds steps 2-6 for one pass; the closed loop (``Runner``) and the
@@ -34,6 +36,7 @@ from .config import STREAM_DELAY, rng
 from .data import LocalBatch, Source
 from .input_dist import DEFAULT_CHAIN_BYTES, InputDist, LocalInputs, bags_of_rows
 from .model import DLRM
+from .patience import Patience
 from .report import ProgressBar
 from .sharding import ExchangeLayout, batch_slices
 
@@ -58,11 +61,16 @@ class RunSpec:
     input_dist: bool = False
     chain_bytes: int = DEFAULT_CHAIN_BYTES
     input_lag: int = 1
+    patience_s: Optional[float] = 0.0  # None: auto; 0: off (see patience.py)
 
     def describe(self) -> str:
         parts = [f"{self.backend} bound={self.bound}"]
         if self.complete != "eager":
             parts.append(f"complete={self.complete}")
+        elif self.patience_s is None:
+            parts.append("patience=auto")
+        elif self.patience_s > 0:
+            parts.append(f"patience={self.patience_s * 1000:g}ms")
         if self.input_dist:
             parts.append("input-dist" + ("" if self.chain_bytes > 0 else " unchained"))
         if self.delay_ms:
@@ -82,6 +90,7 @@ class _Pending:
     lo: int
     t_start: float
     tag: Any = None
+    waited: float = 0.0  # seconds this rank waited on it under the latency policy
 
 
 @dataclass
@@ -203,9 +212,7 @@ class Runner:
                              f"run asks for {spec.input_dist}")
         if spec.input_lag < 0:
             raise ValueError(f"--input-lag must be >= 0, got {spec.input_lag}")
-        if spec.complete not in COMPLETIONS:
-            raise ValueError(f"--complete must be one of {', '.join(COMPLETIONS)}; "
-                             f"got {spec.complete!r}")
+        check_completion(spec.complete, spec.patience_s)
         res = RankResult(rank=self.rank)
         n_src = self.source.num_batches
         with torch.inference_mode():
@@ -223,6 +230,17 @@ class Runner:
         res.max_lag = backend.max_lag()
         res.backend_stats = backend.stats()
         return res
+
+
+def check_completion(complete: str, patience_s: Optional[float]) -> None:
+    """``--complete`` and ``--patience-ms`` (in seconds, None: auto) of a run, one clear
+    line when bad; auto goes with either."""
+    if complete not in COMPLETIONS:
+        raise ValueError(f"--complete must be one of {', '.join(COMPLETIONS)}; "
+                         f"got {complete!r}")
+    if complete == "lazy" and patience_s:
+        raise ValueError(f"--patience-ms {patience_s * 1000:g} needs --complete eager "
+                         f"(lazy finishes batches only past the bound); drop one of them")
 
 
 OnPrediction = Callable[[_Pending, torch.Tensor], None]
@@ -249,6 +267,9 @@ class Pipeline:
         self.input_lag = 0 if backend.synchronous else spec.input_lag
         self.dist = InputDist(runner.layout, runner.model.arch.num_tables, spec.chain_bytes)
         self.flags: List[int] = []  # the flag word of every rank, latest distributed batch
+        lazy = spec.complete != "eager" or backend.synchronous
+        self.patience = Patience(0.0 if lazy else spec.patience_s)
+        self._step: Optional[Tuple[float, float]] = None  # (start, blocked_s) of a step's work
 
     def _blocked(self, t: float) -> None:
         self.res.blocked_s += time.perf_counter() - t
@@ -256,6 +277,7 @@ class Pipeline:
     def push_batch(self, b: int, sparse: Any, size: int, dense: np.ndarray, lo: int,
                    t0: float, tag: Any = None) -> None:
         """Steps 2-4 with replicated inputs (``t0``: the step's start)."""
+        self._step = (time.perf_counter(), self.res.blocked_s)
         send = self.model.apply_emb(sparse, size).reshape(-1)
         self._post(b, send, self.layout.sendcounts(size), self.layout.recvcounts(size), dense,
                    lo, t0, tag)
@@ -264,6 +286,7 @@ class Pipeline:
                     flag: int = 0) -> None:
         """Start batch ``b``'s input distribution; embed the batch now ``input_lag`` old."""
         tc = time.perf_counter()
+        self._step = (tc, self.res.blocked_s)
         handle = self.dist.post(self.backend, local, flag)
         self._blocked(tc)
         self.inputs.append(_Distributing(b, handle, local.dense, lo, t0, tag))
@@ -298,14 +321,41 @@ class Pipeline:
 
     def complete(self) -> None:
         """Finish batches at the head of the FIFO: eagerly every one whose exchange is
-        done, then (both policies) the oldest while more than ``bound`` are in flight."""
+        done, then, with the latency policy, every one that completes within its
+        patience, then (every policy) the oldest while more than ``bound``
+        are in flight."""
         fifo, backend = self.fifo, self.backend
+        if self._step is not None:  # once per step: the serving loop calls us more often
+            t_work, blocked = self._step
+            self._step = None
+            self.patience.note_work(time.perf_counter() - t_work - (self.res.blocked_s - blocked))
         if self.spec.complete == "eager":
             while fifo and backend.done(fifo[0].handle):
                 self._finish(fifo.popleft())
+            if self.patience.enabled:
+                self._wait_patiently()
         elif fifo and not backend.synchronous:
             backend.poke(fifo[0].handle)
         while len(fifo) > self.spec.bound:
+            self._finish(fifo.popleft())
+
+    def _wait_patiently(self) -> None:
+        """The soft bound: before the next step, wait on each head in turn until the
+        FIFO is empty, as long as the head has not yet been waited on for a whole
+        patience.  A head that has means a peer is really late: the rank runs ahead
+        (within the hard bound) and never waits on that head again."""
+        fifo, patience = self.fifo, self.patience.seconds()
+        while fifo:
+            head = fifo[0]
+            left = patience - head.waited
+            if left <= 0:
+                return
+            tw = time.perf_counter()
+            done = self.backend.wait_until(head.handle, tw + left)
+            head.waited += time.perf_counter() - tw
+            self._blocked(tw)
+            if not done:
+                return
             self._finish(fifo.popleft())
 
     def _finish(self, p: _Pending) -> None:
