@@ -6,24 +6,27 @@ so ranks drift to the full lead and every prediction waits about k steps for its
 exchange.  The soft bound keeps ranks together while they are healthy and lets them
 apart only when a peer is really late:
 
-- before a rank starts its next step, it waits on the head of its FIFO, then on the
-  next head, until every exchange it started has completed, finishing each head as it
-  completes; but it waits on any one head for at most its *patience*;
-- a head that has been waited on for a whole patience means a peer is late beyond the
-  normal jitter of a step: the rank runs ahead, within the hard bound, and does not
-  wait on that head again (the next head gets a patience of its own).
+- before a rank starts its next step, it waits for every exchange it started to
+  complete, finishing each FIFO head as it completes, for at most its *patience* in
+  all (one budget per step);
+- a FIFO still not empty after that means a peer is late beyond the normal jitter of
+  a step: the rank runs ahead, within the hard bound.
 
-A rank that has drifted ahead is thus pulled back within a step or two, since each
-head it waits for arrives within the patience while peers are healthy.  A wait costs
-at most one patience per late head, and a delay longer than the patience is masked
-by the bound as before.
+A rank that has drifted ahead is pulled back, step by step, while its peers are
+healthy; with more ranks than cores its waits even give them the cores they need.
+A wait costs at most one patience per step, and a delay longer than the patience is
+masked by the bound as before.  Waits test the head and sleep in between (see
+``Backend.wait_until``): a rank that yields instead may lose its core for a whole
+time slice of the rank it yielded to, and overshoot a short patience by as much.
 
 ``auto`` (the default) measures the patience: ``AUTO_STEPS`` times the median of this
-rank's recent step work (the step's wall time outside waits and injected delays).  In
-a healthy step, a peer posts its part within about one step of work of this rank's post
-(it does the same work, on the same cores); a peer later than that is late for a reason
-of its own.  ``0`` turns the policy off (the runner's eager
-completion alone, as before); a number of milliseconds fixes the patience.
+rank's recent steps of work (pooling, posting, both MLPs; waits and injected delays
+excluded).  In a healthy step a peer posts its part within about a step of work of
+this rank's post (it does the same work, on the same cores).  Half a step keeps the
+ranks together where nothing delays them, and gives back little of the bound's
+masking where something does: the closed-loop figures are in docs/dlrm.md.  ``0``
+turns the policy off (eager completion alone, as before); a number of milliseconds
+fixes the patience.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from collections import deque
 from typing import Deque, Optional
 
 PATIENCE_AUTO = "auto"
-AUTO_STEPS = 1.0   # auto patience, in median steps of work
+AUTO_STEPS = 0.5   # auto patience, in median steps of work
 AUTO_WINDOW = 16   # steps of work the median looks back on
 
 
@@ -51,7 +54,7 @@ def parse_patience(text: object) -> Optional[float]:
 
 
 class Patience:
-    """How long a rank waits on its FIFO head before it runs ahead.
+    """How long, per step, a rank waits for its FIFO to empty before it runs ahead.
 
     ``setting``: None measures it (auto), 0 turns the policy off, > 0 fixes it (seconds).
     """

@@ -11,8 +11,8 @@ One step for global batch ``b`` on rank ``r``:
 5. push (handle, bottom output) on a FIFO and finish batches from its head:
    wait, interaction, top MLP -> predictions.  ``complete="eager"`` (the default)
    finishes every head entry whose exchange has already completed, then, with the
-   latency policy (``--patience-ms``, see patience.py), waits on each head in turn
-   until that head has been waited on for the rank's patience, and then, like ``"lazy"`` (the paper's
+   latency policy (``--patience-ms``, see patience.py), waits for the FIFO to empty
+   for at most the rank's patience, and then, like ``"lazy"`` (the paper's
    rule), waits for the oldest while the FIFO holds more than ``bound`` entries.
    Neither changes what a prediction is, nor the order of the exchanges: only when
    a prediction is made;
@@ -90,7 +90,6 @@ class _Pending:
     lo: int
     t_start: float
     tag: Any = None
-    waited: float = 0.0  # seconds this rank waited on it under the latency policy
 
 
 @dataclass
@@ -114,6 +113,8 @@ class RankResult:
     iter_s: List[float] = field(default_factory=list)
     latency_s: List[float] = field(default_factory=list)
     blocked_s: float = 0.0
+    patience_waits_s: float = 0.0  # waits of the latency policy (part of blocked_s)
+    patience_s: float = 0.0        # the latency policy's last patience
     slept_s: float = 0.0
     max_fifo: int = 0
     max_lag: Optional[int] = None
@@ -269,29 +270,40 @@ class Pipeline:
         self.flags: List[int] = []  # the flag word of every rank, latest distributed batch
         lazy = spec.complete != "eager" or backend.synchronous
         self.patience = Patience(0.0 if lazy else spec.patience_s)
-        self._step: Optional[Tuple[float, float]] = None  # (start, blocked_s) of a step's work
+        self._work_s = 0.0  # compute since the policy last looked, waits excluded
 
     def _blocked(self, t: float) -> None:
         self.res.blocked_s += time.perf_counter() - t
 
+    def _work(self) -> Callable[[], None]:
+        """Start timing compute; the returned call adds the time since, waits excluded,
+        to the work the latency policy measures its patience by."""
+        t, blocked = time.perf_counter(), self.res.blocked_s
+
+        def stop() -> None:
+            self._work_s += time.perf_counter() - t - (self.res.blocked_s - blocked)
+        return stop
+
     def push_batch(self, b: int, sparse: Any, size: int, dense: np.ndarray, lo: int,
                    t0: float, tag: Any = None) -> None:
         """Steps 2-4 with replicated inputs (``t0``: the step's start)."""
-        self._step = (time.perf_counter(), self.res.blocked_s)
+        work = self._work()
         send = self.model.apply_emb(sparse, size).reshape(-1)
         self._post(b, send, self.layout.sendcounts(size), self.layout.recvcounts(size), dense,
                    lo, t0, tag)
+        work()
 
     def push_inputs(self, b: int, local: LocalInputs, lo: int, t0: float, tag: Any = None,
                     flag: int = 0) -> None:
         """Start batch ``b``'s input distribution; embed the batch now ``input_lag`` old."""
+        work = self._work()
         tc = time.perf_counter()
-        self._step = (tc, self.res.blocked_s)
         handle = self.dist.post(self.backend, local, flag)
         self._blocked(tc)
         self.inputs.append(_Distributing(b, handle, local.dense, lo, t0, tag))
         while len(self.inputs) > self.input_lag:
             self._embed(self.inputs.popleft())
+        work()
 
     def _embed(self, d: _Distributing) -> None:
         tw = time.perf_counter()
@@ -325,10 +337,9 @@ class Pipeline:
         patience, then (every policy) the oldest while more than ``bound``
         are in flight."""
         fifo, backend = self.fifo, self.backend
-        if self._step is not None:  # once per step: the serving loop calls us more often
-            t_work, blocked = self._step
-            self._step = None
-            self.patience.note_work(time.perf_counter() - t_work - (self.res.blocked_s - blocked))
+        if self._work_s > 0:  # once per step: the serving loop calls us more often
+            self.patience.note_work(self._work_s)
+            self._work_s = 0.0
         if self.spec.complete == "eager":
             while fifo and backend.done(fifo[0].handle):
                 self._finish(fifo.popleft())
@@ -340,31 +351,31 @@ class Pipeline:
             self._finish(fifo.popleft())
 
     def _wait_patiently(self) -> None:
-        """The soft bound: before the next step, wait on each head in turn until the
-        FIFO is empty, as long as the head has not yet been waited on for a whole
-        patience.  A head that has means a peer is really late: the rank runs ahead
-        (within the hard bound) and never waits on that head again."""
-        fifo, patience = self.fifo, self.patience.seconds()
+        """The soft bound: before the next step, wait for the FIFO to empty, finishing
+        each head as it completes, for at most one patience in all; a FIFO still not
+        empty then means a peer is really late, and the rank runs ahead (within the
+        hard bound)."""
+        fifo = self.fifo
+        deadline = time.perf_counter() + self.patience.seconds()
         while fifo:
-            head = fifo[0]
-            left = patience - head.waited
-            if left <= 0:
-                return
             tw = time.perf_counter()
-            done = self.backend.wait_until(head.handle, tw + left)
-            head.waited += time.perf_counter() - tw
+            done = self.backend.wait_until(fifo[0].handle, deadline)
             self._blocked(tw)
+            self.res.patience_waits_s += time.perf_counter() - tw
             if not done:
                 return
             self._finish(fifo.popleft())
 
     def _finish(self, p: _Pending) -> None:
         """Step 5 for the oldest batch: wait, interaction, top MLP -> predictions."""
+        work = self._work()
         tw = time.perf_counter()
         received = self.backend.finish_parts(p.handle)
         self._blocked(tw)
         ly = self.layout.assemble(received, p.x.shape[0])
-        self.on_prediction(p, self.model.top_rows(p.x, ly, p.lo))
+        pred = self.model.top_rows(p.x, ly, p.lo)
+        work()
+        self.on_prediction(p, pred)
 
     def _keep_prediction(self, p: _Pending, pred: torch.Tensor) -> None:
         if self.keep:
@@ -373,6 +384,7 @@ class Pipeline:
 
     def drain(self) -> None:
         """Embed every batch still distributing, then finish every batch."""
+        self.res.patience_s = self.patience.seconds()
         while self.inputs:
             self._embed(self.inputs.popleft())
         while self.fifo:
