@@ -16,6 +16,7 @@ setting, and every bound tried.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -50,7 +51,15 @@ def sweep(a: argparse.Namespace, backend: str, bounds: List[int], lag: int,
                     "achieved_qps": s["achieved_qps"], "verdict": s["verdict"],
                     "p50_ms": s["latency_ms"].get("p50"), "p99_ms": s["latency_ms"].get("p99"),
                     "mean_batch": s["mean_batch"], "issued": s["issued"],
-                    "answered": s["answered"]})
+                    "answered": s["answered"],
+                    # where the time went: every query's own latency, the part it queued
+                    # for its batch, and per step the injected delay and the waits on peers
+                    "query_p99_ms": s["query_latency_ms"].get("p99"),
+                    "queued_p50_ms": s["breakdown_ms"]["queued"].get("p50"),
+                    "queued_p99_ms": s["breakdown_ms"]["queued"].get("p99"),
+                    "delay_ms_per_step": s["breakdown_ms"]["delay_ms_per_step"],
+                    "lag_ms_per_step": s["breakdown_ms"]["lag_ms_per_step"],
+                    "empty_step_fraction": s["empty_step_fraction"]})
     return out
 
 
@@ -86,6 +95,7 @@ def main() -> None:
     bounds = [int(k) for k in a.bounds.split(",")]
     lags = [int(k) for k in a.lags.split(",")]
     warn_if_busy()
+    load_before = os.getloadavg()
     configs = [("mpi", [0], 0)] + [(b, bounds, lag) for b in backends_to_run(["mpi-bls", "bls"])
                                    for lag in lags]
 
@@ -124,7 +134,10 @@ def main() -> None:
         "ranks": a.ranks, "offered_qps": ladders, "bounds_tried": bounds, "lags_tried": lags,
         "duration_s": a.duration_s, "batch_size_per_rank": a.batch_size,
         "max_wait_ms": a.max_wait_ms, "latency_bound_ms": a.latency_ms, "rows_cap": a.rows_cap,
-        "quick": a.quick, "series": results, "peak_qps": peaks, "ratios": checks,
+        "quick": a.quick, "extra": a.extra,
+        # the 1/5/15-minute load averages before and after: how quiet the machine was
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "series": results, "peak_qps": peaks, "ratios": checks,
     })
     plt = pyplot()
     fig, axes = plt.subplots(1, len(DELAYS), figsize=(12, 4.5), sharey=True)
