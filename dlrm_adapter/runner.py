@@ -67,10 +67,10 @@ class RunSpec:
         parts = [f"{self.backend} bound={self.bound}"]
         if self.complete != "eager":
             parts.append(f"complete={self.complete}")
-        elif self.patience_s is None:
-            parts.append("patience=auto")
-        elif self.patience_s > 0:
-            parts.append(f"patience={self.patience_s * 1000:g}ms")
+        elif self.bound > 0 and self.backend != "mpi":  # where the latency policy acts
+            p = self.patience_s
+            parts.append("patience=" + ("auto" if p is None else f"{p * 1000:g}ms" if p else
+                                        "off"))
         if self.input_dist:
             parts.append("input-dist" + ("" if self.chain_bytes > 0 else " unchained"))
         if self.delay_ms:
