@@ -259,10 +259,12 @@ class Pipeline:
     """
 
     def __init__(self, runner: Runner, spec: RunSpec, backend: Backend, res: RankResult,
-                 keep: bool, on_prediction: Optional[OnPrediction] = None) -> None:
+                 keep: bool, on_prediction: Optional[OnPrediction] = None,
+                 before_embed: Optional[Callable[[Any], None]] = None) -> None:
         self.model, self.layout = runner.model, runner.layout
         self.spec, self.backend, self.res, self.keep = spec, backend, res, keep
         self.on_prediction = on_prediction or self._keep_prediction
+        self.before_embed = before_embed  # called with a batch's tag once its inputs are in
         self.fifo: Deque[_Pending] = deque()
         self.inputs: Deque[_Distributing] = deque()
         self.input_lag = 0 if backend.synchronous else spec.input_lag
@@ -309,6 +311,8 @@ class Pipeline:
         tw = time.perf_counter()
         bags = self.dist.collect(self.backend, d.handle)
         self._blocked(tw)
+        if self.before_embed is not None:
+            self.before_embed(d.tag)
         self.flags = bags.flags
         n = bags.rows
         if n and self.layout.my_tables:

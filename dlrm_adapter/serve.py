@@ -290,7 +290,7 @@ class Server:
         def respond(p: Any, pred: torch.Tensor) -> None:
             if p.tag is None:
                 return
-            t_taken, batch = p.tag
+            t_taken, batch, _ = p.tag
             now = time.perf_counter()
             values = np.ascontiguousarray(pred.numpy(), dtype=np.float32)
             base = values.ctypes.data  # LoadGen copies what it logs during the call
@@ -303,6 +303,13 @@ class Server:
                 ids.extend(k for _, k, _ in batch)
                 preds.append(values)
 
+        def compute(tag: Any) -> None:
+            """A batch's injected delay, paid once its inputs are in, before it is pooled."""
+            if tag is not None and tag[2] > 0:
+                t = time.perf_counter()
+                time.sleep(tag[2])
+                res.slept_s += time.perf_counter() - t
+
         try:
             with torch.inference_mode():
                 self._warm_up(spec, backend)
@@ -313,7 +320,7 @@ class Server:
                                                               log), daemon=True)
                 t0 = time.perf_counter()
                 tester.start()
-                pipe = Pipeline(self.runner, spec, backend, step_res, True, respond)
+                pipe = Pipeline(self.runner, spec, backend, step_res, True, respond, compute)
                 self._serve(spec, pipe, queries, tester, res)
                 res.wall_s = time.perf_counter() - t0
                 tester.join(timeout=max(60.0, args.timeout))
@@ -364,18 +371,16 @@ class Server:
                 time.sleep(POLL_S)
             batch = [q.popleft() for _ in range(min(cap, len(q)))]
             # The injected delay models this rank's compute on its batch: drawn every
-            # step (the stream stays aligned), paid only with queries to compute on.
+            # step (the stream stays aligned), paid only with queries to compute on,
+            # when the batch is computed (see compute below).
             pause = slow
             if delays is not None:
                 pause += float(delays.uniform(spec.delay_ms[0], spec.delay_ms[1])) / 1000.0
             t_taken = time.perf_counter()
-            if batch and pause > 0:
-                time.sleep(pause)
-                res.slept_s += time.perf_counter() - t_taken
             finished = not tester.is_alive() and not q and not batch
             ids = np.fromiter((k for _, k, _ in batch), dtype=np.int64, count=len(batch))
             pipe.push_inputs(step, self.library.gather(ids), 0, t_step,
-                             (t_taken, batch) if batch else None,
+                             (t_taken, batch, pause) if batch else None,
                              flag=int(finished))
             pipe.complete()
             step += 1
