@@ -25,10 +25,13 @@ def test_a_killed_rank_leaves_nothing_in_dev_shm(mode):
     proc = subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0, "rank 1 was meant to die"
     tokens = set(re.findall(r"TOKEN (\S+)", proc.stdout))
-    assert mode == "kill-setup" or tokens, proc.stdout + proc.stderr[-3000:]
-    left = [n for n in os.listdir("/dev/shm") if n.startswith("blsfab-")
-            and (not tokens or any(t in n for t in tokens))]
-    assert not left, f"{mode}: segments left behind: {left}"
+    pids = set(re.findall(r"PID ([0-9a-f]+)", proc.stdout))
+    assert tokens and len(pids) == 3, proc.stdout + proc.stderr[-3000:]
+    # The job's names: its segments and shm endpoint regions (named after the
+    # token), and any random name of one of its processes.
+    left = [n for n in os.listdir("/dev/shm") if n.startswith("blsfab-") and
+            (any(t in n for t in tokens) or n.split("-")[1] in pids)]
+    assert not left, f"{mode}: names left behind in /dev/shm: {left}"
 
 
 def test_segment_rejects_bad_names_and_mismatched_layouts():

@@ -17,7 +17,8 @@ from . import _core
 from . import provider as _provider
 from .bootstrap import MPIBootstrap, geometry_mismatch, hostname, run_step
 from .errors import ClosedError, FabricError, TimeoutError
-from .node_local import NodeLocalRings, check_job_token, new_job_token, sigterm_raises
+from .node_local import (NodeLocalRings, check_job_token, endpoint_region_name, new_job_token,
+                         sigterm_raises, unlink_endpoint_regions)
 
 Request = _core.Request
 
@@ -152,7 +153,9 @@ class Communicator:
         self.local = "shared" if geometry["shared_rings"] else "fabric"  # resolved: dup() keeps it
         local_group = [r for r, h in enumerate(hellos) if h["host"] == hellos[self.rank]["host"]]
         shared = self.local == "shared" and len(local_group) > 1
-        token = check_job_token(hellos[0]["token"]) if shared else ""
+        token = check_job_token(hellos[0]["token"])
+        # shm endpoints have a region in /dev/shm under a name of this job.
+        named_regions = name == "shm"
         zero_copy = _check_int("BLSFAB_ZERO_COPY_BYTES",
                                int(os.environ.get("BLSFAB_ZERO_COPY_BYTES", ZERO_COPY_BYTES)), 0)
 
@@ -165,16 +168,17 @@ class Communicator:
             info = _core.FabricInfo.query(name)
             if info is None:
                 raise FabricError(f"provider {name!r} is not usable on rank {self.rank}")
-            engine = _core.RingEngine(info, self.rank, self.size, self.slot_bytes, ring_slots,
-                                      2 * (bound + MAX_CHAIN) + 8)
+            engine = _core.RingEngine(
+                info, self.rank, self.size, self.slot_bytes, ring_slots, 2 * (bound + MAX_CHAIN) + 8,
+                region_name=endpoint_region_name(token, self.rank) if named_regions else None)
             engine.set_zero_copy(zero_copy)
             if shared:
                 self._rings = NodeLocalRings(self.rank, local_group, token, ring_slots,
                                              self.slot_bytes)
             return engine.local_address()
 
-        # While segment names exist, a SIGTERM from mpirun must still unlink them.
-        with sigterm_raises() if shared else contextlib.nullcontext():
+        # While names exist in /dev/shm, a SIGTERM from mpirun must still unlink them.
+        with sigterm_raises() if shared or named_regions else contextlib.nullcontext():
             try:
                 addresses = run_step(self._boot, "blsfab.Communicator construction (rings)",
                                      build, self.timeout)
@@ -208,9 +212,16 @@ class Communicator:
                 if self._rings is not None:
                     self._rings.abandon()
                     self._rings = None
+                if named_regions:
+                    # A peer may have died between creating its region and
+                    # unlinking it: remove every name of the job on this host.
+                    unlink_endpoint_regions(token, local_group)
                 raise
         if self._rings is not None:
             self._rings.unlink_own()  # every local peer mapped it in step 3
+        # Every peer sent to us and heard from us in step 3, so every peer has
+        # mapped our endpoint's region: its name is no longer needed.
+        engine.unlink_region_name()
         if os.environ.get("BLSFAB_MALLOC_TUNING", "1") != "0":
             _core.tune_malloc(max(256 << 20, 4 * self.size * self.slot_bytes))
         if progress == "thread":

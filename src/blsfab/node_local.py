@@ -62,6 +62,22 @@ def segment_name(token: str, rank: int) -> str:
     return f"{PREFIX}{token}-{rank}"
 
 
+def endpoint_region_name(token: str, rank: int) -> str:
+    """The name the shm provider gives ``rank``'s endpoint region in /dev/shm
+    (without the leading '/'). Derived from the job token, so that survivors
+    of a failed set-up can remove a dead rank's region too."""
+    return f"{PREFIX[1:]}{token}-ep{rank}"
+
+
+def unlink_endpoint_regions(token: str, local: Sequence[int]) -> None:
+    """Remove every shm endpoint region name of this job's ``local`` ranks."""
+    for r in local:
+        try:
+            _core.unlink_segment("/" + endpoint_region_name(token, r))
+        except OSError:
+            pass
+
+
 class NodeLocalRings:
     """This rank's shared receive segment and its mappings of its local peers'.
 

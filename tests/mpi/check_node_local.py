@@ -20,11 +20,22 @@ from common import expect, world
 
 mode = sys.argv[1]
 rank, size = world.rank, world.size
+print(f"PID {os.getpid():x}", flush=True)  # a random shm name starts with its owner's pid
 RING_SLOTS, SLOT_BYTES, ROUNDS = 4, 4096, 200
 
 
 class DyingBootstrap(MPIBootstrap):
-    """Rank 1 dies at its first barrier: its segment exists, nobody has mapped it."""
+    """Rank 1 dies at its first barrier: its segment exists, nobody has mapped it.
+    Every rank names the job's token first (the first allgather carries it)."""
+
+    token = None
+
+    def allgather(self, payload, *args, **kwargs):
+        gathered = super().allgather(payload, *args, **kwargs)
+        if self.token is None:
+            self.token = gathered[0].decode()
+            print(f"TOKEN {self.token}", flush=True)
+        return gathered
 
     def barrier(self, progress, timeout):
         if self.rank == 1:
@@ -39,6 +50,10 @@ if mode == "kill-communicator":
                                timeout=30)
     expect(comm.stats()["paths"].count("shared") == size - 1, f"paths {comm.stats()['paths']}")
     print(f"TOKEN {comm._rings.token}", flush=True)
+    world.Barrier()  # every rank's construction has ended
+    # Segments and shm endpoint regions alike are unlinked once construction ends.
+    leftovers = [n for n in os.listdir("/dev/shm") if comm._rings.token in n]
+    expect(not leftovers, f"names left after construction: {leftovers}")
     send = np.arange(1000 * size, dtype=np.float32)
     for it in range(100):
         if rank == 1 and it == 50:

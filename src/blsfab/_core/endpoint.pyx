@@ -73,10 +73,12 @@ cdef class Endpoint:
     cdef readonly CompletionQueue cq
     cdef readonly AddressVector av
     cdef readonly bint selective_completion
+    cdef readonly str region_name       # shm only: the name of our region in /dev/shm
 
     def __cinit__(self, Domain domain not None, CompletionQueue cq not None,
-                  AddressVector av not None):
+                  AddressVector av not None, str region_name=None):
         self.ep = NULL
+        self.region_name = None
         self.domain, self.cq, self.av = domain, cq, av
         prov = domain.provider
         check(fi_endpoint(domain.domain, domain.fabric.info.info, &self.ep, NULL), "fi_endpoint", prov)
@@ -90,11 +92,28 @@ cdef class Endpoint:
         if prov == "shm":
             # shm names its region "<pid>:<domain>:<endpoint>" in /dev/shm by
             # default. A killed process leaves that file behind, and a later
-            # process that reuses the pid then fails fi_enable with EBUSY. A
-            # random name never collides with a stale one.
-            name = f"blsfab-{os.getpid():x}-{secrets.token_hex(8)}".encode() + b"\0"
+            # process that reuses the pid then fails fi_enable with EBUSY. Our
+            # own name (random unless the caller derives one from its job) never
+            # collides with a stale one, and lets the job unlink it early.
+            if region_name is None:
+                region_name = f"blsfab-{os.getpid():x}-{secrets.token_hex(8)}"
+            elif not (0 < len(region_name) <= 128 and
+                      all(c.isascii() and (c.isalnum() or c in "-_.") for c in region_name)
+                      and region_name[0] != "."):
+                raise ValueError(f"region_name={region_name!r}: use up to 128 characters "
+                                 "from [A-Za-z0-9_.-], not starting with '.'")
+            name = region_name.encode() + b"\0"
             check(fi_setname(&self.ep.fid, <char*>name, len(name)), "fi_setname", prov)
+            self.region_name = region_name
         check(fi_enable(self.ep), "fi_enable", prov)
+
+    def unlink_region(self):
+        """Drop the name of our shm region once every peer has mapped it: the
+        region then lives only in the mappings, so no death leaves it behind.
+        True if a name was removed; a no-op off shm."""
+        if self.region_name is None:
+            return False
+        return unlink_segment("/" + self.region_name)
 
     def name(self):
         """The endpoint's address, to be handed to peers for their AV."""

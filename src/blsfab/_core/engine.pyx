@@ -46,7 +46,7 @@ cdef class RingEngine(RingSender):
     cdef RegisteredBuffer tx_region
 
     def __cinit__(self, FabricInfo info not None, int rank, int size, size_t slot_bytes,
-                  int ring_slots, int window):
+                  int ring_slots, int window, str region_name=None):
         if not (0 < size <= BLS_MAX_RANKS):
             raise ValueError(f"size={size}: blsfab supports 1 to {BLS_MAX_RANKS} ranks")
         if not (0 <= rank < size):
@@ -88,7 +88,7 @@ cdef class RingEngine(RingSender):
         self.domain_obj = Domain(self.fabric_obj)
         self.cq_obj = CompletionQueue(self.domain_obj, 0)
         self.av_obj = AddressVector(self.domain_obj, size)
-        self.ep_obj = Endpoint(self.domain_obj, self.cq_obj, self.av_obj)
+        self.ep_obj = Endpoint(self.domain_obj, self.cq_obj, self.av_obj, region_name)
         self.ep, self.cq = self.ep_obj.ep, self.cq_obj.cq
         self.selective = self.ep_obj.selective_completion
         self.check_source = info.source_addresses
@@ -120,6 +120,11 @@ cdef class RingEngine(RingSender):
         self.closed = False
 
     # ---- set-up: address blobs ---------------------------------------------------
+
+    def unlink_region_name(self):
+        """After every peer has connected and greeted us: drop our endpoint's
+        name in /dev/shm (shm provider only), so no death can leave it behind."""
+        return self.ep_obj.unlink_region()
 
     def local_address(self) -> bytes:
         """What every peer needs to write to us, as a versioned blob (wire.h:
