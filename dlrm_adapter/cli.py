@@ -101,12 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager: turn every finished exchange into predictions at once; lazy: "
                         "only when more than --bound are in flight, the paper's rule (eager)")
     d.add_argument("--patience-ms", metavar="auto|0|MS[,...]",
-                   help="latency policy of eager completion: before its next step a rank "
-                        "waits on its oldest exchange while that is younger than MS, and "
-                        "runs ahead (up to --bound) only when a peer is later than that; "
-                        "auto: one median step of the rank's own work, measured; 0: off, "
-                        "ranks run up to --bound ahead freely; a list runs each in turn "
-                        "(auto)")
+                   help="latency policy of eager completion, a soft bound: before its "
+                        "next step a rank waits up to MS for its exchanges to complete, and "
+                        "runs ahead (up to --bound) only past that; auto: half a median step "
+                        "of the rank's own work, measured; 0: off, ranks run up to --bound "
+                        "ahead freely; a list runs each in turn (auto)")
     d.add_argument("--placement", choices=PLACEMENTS, help="table placement (contiguous)")
     d.add_argument("--provider", help="libfabric provider for bls and torch-bls "
                                       "(library default)")

@@ -273,6 +273,7 @@ class Pipeline:
         lazy = spec.complete != "eager" or backend.synchronous
         self.patience = Patience(0.0 if lazy else spec.patience_s)
         self._work_s = 0.0  # compute since the policy last looked, waits excluded
+        self._hook_s = 0.0  # time spent in before_embed (an injected delay, say)
 
     def _blocked(self, t: float) -> None:
         self.res.blocked_s += time.perf_counter() - t
@@ -280,10 +281,11 @@ class Pipeline:
     def _work(self) -> Callable[[], None]:
         """Start timing compute; the returned call adds the time since, waits excluded,
         to the work the latency policy measures its patience by."""
-        t, blocked = time.perf_counter(), self.res.blocked_s
+        t, blocked, hooked = time.perf_counter(), self.res.blocked_s, self._hook_s
 
         def stop() -> None:
-            self._work_s += time.perf_counter() - t - (self.res.blocked_s - blocked)
+            self._work_s += (time.perf_counter() - t - (self.res.blocked_s - blocked)
+                             - (self._hook_s - hooked))
         return stop
 
     def push_batch(self, b: int, sparse: Any, size: int, dense: np.ndarray, lo: int,
@@ -312,7 +314,9 @@ class Pipeline:
         bags = self.dist.collect(self.backend, d.handle)
         self._blocked(tw)
         if self.before_embed is not None:
+            th = time.perf_counter()
             self.before_embed(d.tag)
+            self._hook_s += time.perf_counter() - th
         self.flags = bags.flags
         n = bags.rows
         if n and self.layout.my_tables:
