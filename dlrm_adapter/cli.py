@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--patience-ms", metavar="auto|0|MS[,...]",
                    help="latency policy of eager completion, a soft bound: before its "
                         "next step a rank waits up to MS for its exchanges to complete, and "
-                        "runs ahead (up to --bound) only past that; auto: half a median step "
+                        "runs ahead (up to --bound) only past that; auto: 1.5 mean steps "
                         "of the rank's own work, measured; 0: off, ranks run up to --bound "
                         "ahead freely; a list runs each in turn (auto)")
     d.add_argument("--placement", choices=PLACEMENTS, help="table placement (contiguous)")

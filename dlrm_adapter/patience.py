@@ -19,14 +19,15 @@ masked by the bound as before.  Waits test the head and sleep in between (see
 ``Backend.wait_until``): a rank that yields instead may lose its core for a whole
 time slice of the rank it yielded to, and overshoot a short patience by as much.
 
-``auto`` (the default) measures the patience: ``AUTO_STEPS`` times the median of this
-rank's recent steps of work (pooling, posting, both MLPs; waits and injected delays
-excluded).  In a healthy step a peer posts its part within about a step of work of
-this rank's post (it does the same work, on the same cores).  Half a step keeps the
-ranks together where nothing delays them, and gives back little of the bound's
-masking where something does: the closed-loop figures are in docs/dlrm.md.  ``0``
-turns the policy off (eager completion alone, as before); a number of milliseconds
-fixes the patience.
+``auto`` (the default) measures the patience: ``AUTO_STEPS`` times the mean of this
+rank's last ``AUTO_WINDOW`` steps of work (pooling, posting, both MLPs; waits and
+injected delays excluded).  A healthy peer posts its part within about a step of
+work of this rank's post (it does the same work, on the same cores), and a rank
+that sleeps past its deadline overshoots by a fraction of a step.  One and a half
+steps kept the ranks together where nothing delayed them and gave back little of
+the bound's masking where something did; half a step let them drift apart
+(docs/dlrm.md has the figures).  ``0`` turns the policy off (eager completion
+alone, as before); a number of milliseconds fixes the patience.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from collections import deque
 from typing import Deque, Optional
 
 PATIENCE_AUTO = "auto"
-AUTO_STEPS = 0.5   # auto patience, in median steps of work
-AUTO_WINDOW = 16   # steps of work the median looks back on
+AUTO_STEPS = 1.5   # auto patience, in mean steps of work
+AUTO_WINDOW = 16   # steps of work the mean looks back on
 
 
 def parse_patience(text: object) -> Optional[float]:
@@ -77,5 +78,6 @@ class Patience:
             return self.setting
         if not self._work:
             return 0.0
-        ordered = sorted(self._work)
-        return AUTO_STEPS * ordered[len(ordered) // 2]
+        # the mean, not the median: a step that finishes several batches (catching
+        # up) and a step that finishes none (running ahead) must average out
+        return AUTO_STEPS * sum(self._work) / len(self._work)

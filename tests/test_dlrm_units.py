@@ -311,7 +311,7 @@ def test_patience_values_and_the_auto_measure() -> None:
     assert not Patience(0.0).enabled and Patience(1e-3).seconds() == 1e-3
     auto = Patience(None)
     assert auto.enabled and auto.seconds() == 0.0  # nothing measured yet: no wait
-    for s in [0.010] * AUTO_WINDOW + [0.002] * (AUTO_WINDOW // 2 + 1):
+    for s in [0.010] * AUTO_WINDOW + [0.001, 0.003] * (AUTO_WINDOW // 2):
         auto.note_work(s)
-    # the median of the last AUTO_WINDOW steps, so older slow steps have aged out
+    # the mean of the last AUTO_WINDOW steps: the older slow steps have aged out
     assert auto.seconds() == pytest.approx(AUTO_STEPS * 0.002)
