@@ -1,6 +1,6 @@
 """Peak QPS under a p99 latency bound, MLPerf LoadGen server scenario, every backend.
 
-    python bench/dlrm_server.py            # P=4, no delays and --delay-ms 0:10 (~10 min)
+    python bench/dlrm_server.py            # P=4, no delays and --delay-ms 0:10 (~15 min)
     python bench/dlrm_server.py --quick    # a smoke run of the whole pipeline (~2 min)
 
 For mpi (bound 0, the reference DLRM), mpi-bls and bls at every bound of --bounds and
@@ -16,6 +16,7 @@ setting, and every bound tried.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +36,8 @@ def sweep(a: argparse.Namespace, backend: str, bounds: List[int], lag: int,
     args = ["--scenario", "server", "--backend", backend, "--input-lag", str(lag),
             "--bound", ",".join(str(k) for k in bounds),
             "--target-qps", ",".join(f"{q:g}" for q in qps),
-            "--duration-s", f"{a.duration_s:g}", "--batch-size", str(a.batch_size),
+            "--duration-s", f"{a.delay_duration_s if delay else a.duration_s:g}",
+            "--batch-size", str(a.batch_size),
             "--max-wait-ms", f"{a.max_wait_ms:g}", "--rows-cap", str(a.rows_cap),
             "--num-batches", "8", "--warmup", "5", "--target-latency-ms", f"{a.latency_ms:g}"]
     if delay:
@@ -50,7 +52,15 @@ def sweep(a: argparse.Namespace, backend: str, bounds: List[int], lag: int,
                     "achieved_qps": s["achieved_qps"], "verdict": s["verdict"],
                     "p50_ms": s["latency_ms"].get("p50"), "p99_ms": s["latency_ms"].get("p99"),
                     "mean_batch": s["mean_batch"], "issued": s["issued"],
-                    "answered": s["answered"]})
+                    "answered": s["answered"],
+                    # where the time went: every query's own latency, the part it queued
+                    # for its batch, and per step the injected delay and the waits on peers
+                    "query_p99_ms": s["query_latency_ms"].get("p99"),
+                    "queued_p50_ms": s["breakdown_ms"]["queued"].get("p50"),
+                    "queued_p99_ms": s["breakdown_ms"]["queued"].get("p99"),
+                    "delay_ms_per_step": s["breakdown_ms"]["delay_ms_per_step"],
+                    "lag_ms_per_step": s["breakdown_ms"]["lag_ms_per_step"],
+                    "empty_step_fraction": s["empty_step_fraction"]})
     return out
 
 
@@ -65,11 +75,17 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--qps", default="1000,2000,4000,6000,9000,12000",
                    help="offered QPS ladder (the job's total)")
-    p.add_argument("--delay-qps", default="100,250,500,750,1000,2000",
+    p.add_argument("--delay-qps", default="100,250,500,1000,2000,4000",
                    help="offered QPS ladder with delays (0-10 ms per step caps the rate much lower)")
     p.add_argument("--bounds", default="1,2,4", help="bounds tried for mpi-bls and bls")
-    p.add_argument("--lags", default="0,1", help="input lags tried for mpi-bls and bls")
-    p.add_argument("--duration-s", type=float, default=3.0, help="LoadGen minimum duration")
+    p.add_argument("--lags", default="0",
+                   help="input lags tried for mpi-bls and bls (1 lost at every point tried: "
+                        "a query then waits for two steps of the slowest rank)")
+    p.add_argument("--duration-s", type=float, default=3.0,
+                   help="LoadGen minimum duration of a no-delay point")
+    p.add_argument("--delay-duration-s", type=float, default=10.0,
+                   help="LoadGen minimum duration of a point with delays: a few hundred "
+                        "queries per rank leave the p99 to a handful of them")
     p.add_argument("--batch-size", type=int, default=256, help="largest batch per rank")
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--latency-ms", type=float, default=30.0, help="p99 bound")
@@ -79,13 +95,15 @@ def main() -> None:
                    help="two QPS levels, bound 2, 1 s runs: checks the pipeline, not the numbers")
     a = p.parse_args()
     if a.quick:
-        a.qps, a.delay_qps, a.bounds, a.lags, a.duration_s = "500,2000", "500", "2", "0,1", 1.0
+        a.qps, a.delay_qps, a.bounds, a.lags = "500,2000", "500", "2", "0,1"
+        a.duration_s = a.delay_duration_s = 1.0
     a.qps = [float(q) for q in a.qps.split(",")]
     ladders = {name: a.qps if delay is None else [float(q) for q in a.delay_qps.split(",")]
                for name, delay in DELAYS.items()}
     bounds = [int(k) for k in a.bounds.split(",")]
     lags = [int(k) for k in a.lags.split(",")]
     warn_if_busy()
+    load_before = os.getloadavg()
     configs = [("mpi", [0], 0)] + [(b, bounds, lag) for b in backends_to_run(["mpi-bls", "bls"])
                                    for lag in lags]
 
@@ -122,9 +140,13 @@ def main() -> None:
 
     save_json("dlrm_server.json", {
         "ranks": a.ranks, "offered_qps": ladders, "bounds_tried": bounds, "lags_tried": lags,
-        "duration_s": a.duration_s, "batch_size_per_rank": a.batch_size,
+        "duration_s": a.duration_s, "delay_duration_s": a.delay_duration_s,
+        "batch_size_per_rank": a.batch_size,
         "max_wait_ms": a.max_wait_ms, "latency_bound_ms": a.latency_ms, "rows_cap": a.rows_cap,
-        "quick": a.quick, "series": results, "peak_qps": peaks, "ratios": checks,
+        "quick": a.quick, "extra": a.extra,
+        # the 1/5/15-minute load averages before and after: how quiet the machine was
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "series": results, "peak_qps": peaks, "ratios": checks,
     })
     plt = pyplot()
     fig, axes = plt.subplots(1, len(DELAYS), figsize=(12, 4.5), sharey=True)

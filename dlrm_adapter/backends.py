@@ -51,6 +51,9 @@ def _poll_until(done, poll_s: float, timeout: float, what: str) -> None:
         time.sleep(poll_s)
 
 
+# How often ``Backend.wait_until`` tests a request when --poll-us does not say.
+WAIT_POLL_S = 50e-6
+
 # Most int64 words a peer may announce for one input message (16 GiB): checked before
 # a receive buffer is allocated for it.
 MAX_INPUT_COUNT = 1 << 31
@@ -81,6 +84,20 @@ class Backend:
     def done(self, handle: Any) -> bool:
         """Progress ``handle`` and say whether ``finish`` would return without waiting."""
         return self.synchronous
+
+    def wait_until(self, handle: Any, deadline: float) -> bool:
+        """Progress ``handle`` until it is done or ``time.perf_counter()`` passes
+        ``deadline``; whether it is done.  Between tests the rank sleeps (``--poll-us``,
+        or ``WAIT_POLL_S``): with more ranks than cores, the rank waited for may need
+        this core, and a sleeper is woken close to its deadline where a rank that
+        yields may wait out a whole time slice of the rank it yielded to."""
+        poll_s = getattr(self, "poll_s", 0.0) or WAIT_POLL_S
+        while not self.done(handle):
+            now = time.perf_counter()
+            if now >= deadline:
+                return False
+            time.sleep(min(poll_s, deadline - now))
+        return True
 
     def quiesce(self) -> None:
         """Called with nothing in flight, before a control-plane barrier: make sure no

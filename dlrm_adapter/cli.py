@@ -30,14 +30,15 @@ from .reference_flags import (add_reference_flags, apply_reference_flags, arch_f
 from .report import format_comparison, format_summary, summarize, write_json
 from .input_dist import exchanges_per_step, max_lookups_per_bag
 from .input_dist import max_message_bytes as input_message_bytes
-from .runner import COMPLETIONS, RankResult, Runner, RunSpec
+from .patience import PATIENCE_AUTO, parse_patience
+from .runner import COMPLETIONS, RankResult, Runner, RunSpec, check_completion
 from .sharding import PLACEMENTS, ExchangeLayout, place_tables
 
 DEFAULTS: Dict[str, Any] = {
     "dataset": "criteo-kaggle", "batch_size": 512, "warmup": 5,
     "seed": 0, "bound": "4", "placement": "contiguous", "pooling": "1",
     "slow_ms": 0.0, "timeout": 60.0, "threads": 1, "chunk": 64, "prefetch_mb": 1024.0,
-    "poll_us": 0.0, "complete": "eager",
+    "poll_us": 0.0, "complete": "eager", "patience_ms": PATIENCE_AUTO,
 }
 # --demo: a ~1 minute comparison under random delays (explicit flags still win).
 DEMO_DEFAULTS: Dict[str, Any] = {
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--complete", choices=COMPLETIONS,
                    help="eager: turn every finished exchange into predictions at once; lazy: "
                         "only when more than --bound are in flight, the paper's rule (eager)")
+    d.add_argument("--patience-ms", metavar="auto|0|MS[,...]",
+                   help="latency policy of eager completion, a soft bound: before its "
+                        "next step a rank waits up to MS for its exchanges to complete, and "
+                        "runs ahead (up to --bound) only past that; auto: 1.5 mean steps "
+                        "of the rank's own work, measured; 0: off, ranks run up to --bound "
+                        "ahead freely; a list runs each in turn (auto)")
     d.add_argument("--placement", choices=PLACEMENTS, help="table placement (contiguous)")
     d.add_argument("--provider", help="libfabric provider for bls and torch-bls "
                                       "(library default)")
@@ -184,6 +191,12 @@ def validate(args: argparse.Namespace, world: int) -> Tuple[List[str], List[int]
     _positive("--slow-ms", args.slow_ms, 0)
     _positive("--prefetch-mb", args.prefetch_mb, 0)
     _positive("--poll-us", args.poll_us, 0)
+    try:
+        args.patience_s = [parse_patience(v) for v in _list(args.patience_ms, "--patience-ms")]
+        for v in args.patience_s:
+            check_completion(args.complete, v)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.slow_rank is not None and not 0 <= args.slow_rank < world:
@@ -250,8 +263,9 @@ def build_source(args: argparse.Namespace, arch: ModelArch) -> Source:
 def plan_runs(args: argparse.Namespace, backends: List[str], bounds: List[int],
               verbose: bool) -> List[RunSpec]:
     delay = parse_float_range(args.delay_ms, "--delay-ms") if args.delay_ms else None
-    opts = dict(complete=args.complete, input_dist=args.input_dist,
-                chain_bytes=args.chain_bytes, input_lag=args.input_lag)
+    opts = dict(complete=args.complete, patience_s=args.patience_s[0],
+                input_dist=args.input_dist, chain_bytes=args.chain_bytes,
+                input_lag=args.input_lag)
     runs: List[RunSpec] = []
     if args.demo:
         needs_blsfab = [b for b in backends if b in ("bls", "torch-bls")]
@@ -269,8 +283,11 @@ def plan_runs(args: argparse.Namespace, backends: List[str], bounds: List[int],
                                 args.slow_ms or 0.0, **opts))
     for b in backends:
         for k in bounds:
-            runs.append(RunSpec(b, k, args.num_batches, args.warmup, delay, args.slow_rank,
-                                args.slow_ms or 0.0, **opts))
+            # the policy only acts where exchanges may stay in flight
+            lagging = k > 0 and b != "mpi"
+            for patience in args.patience_s if lagging else args.patience_s[:1]:
+                runs.append(RunSpec(b, k, args.num_batches, args.warmup, delay, args.slow_rank,
+                                    args.slow_ms or 0.0, **dict(opts, patience_s=patience)))
     return runs
 
 

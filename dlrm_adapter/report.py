@@ -79,6 +79,10 @@ def digest(preds: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(preds, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
+def _patience_ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1000.0
+
+
 def summarize(spec: Any, ranks: List[Dict[str, Any]], samples: int, preds: np.ndarray,
               labels: Optional[np.ndarray], synchronous: bool) -> Dict[str, Any]:
     """Reduce per-rank measurements of one run to the numbers we report."""
@@ -110,6 +114,11 @@ def summarize(spec: Any, ranks: List[Dict[str, Any]], samples: int, preds: np.nd
         # every rank's batches: a straggler's latency counts as much as rank 0's
         "latency_ms": _pct([t * 1000.0 for r in ranks for t in r["latency_s"]]),
         "complete": getattr(spec, "complete", "lazy"),
+        # the latency policy: None auto (measured), 0 off; and what the ranks measured
+        "patience_ms": _patience_ms(getattr(spec, "patience_s", 0.0)),
+        "patience_measured_ms": [r.get("patience_s", 0.0) * 1000.0 for r in ranks],
+        "patience_waits_ms_per_batch": float(np.mean([r.get("patience_waits_s", 0.0)
+                                                      for r in ranks])) / max(n, 1) * 1000.0,
         "blocked_ms_per_batch": {"mean": float(np.mean(blocked)) / max(n, 1) * 1000.0,
                                  "max": float(np.max(blocked)) / max(n, 1) * 1000.0},
         "blocked_s_total": {"mean": float(np.mean(blocked)), "max": float(np.max(blocked))},

@@ -10,10 +10,12 @@ One step for global batch ``b`` on rank ``r``:
 4. bottom MLP on r's slice while the exchange is in flight;
 5. push (handle, bottom output) on a FIFO and finish batches from its head:
    wait, interaction, top MLP -> predictions.  ``complete="eager"`` (the default)
-   finishes every head entry whose exchange has already completed, then, like
-   ``"lazy"`` (the paper's rule), waits for the oldest while the FIFO holds more
-   than ``bound`` entries.  Eager completion changes when a prediction is made,
-   never what it is, and never the order of the exchanges;
+   finishes every head entry whose exchange has already completed, then, with the
+   latency policy (``--patience-ms``, see patience.py), waits for the FIFO to empty
+   for at most the rank's patience, and then, like ``"lazy"`` (the paper's
+   rule), waits for the oldest while the FIFO holds more than ``bound`` entries.
+   Neither changes what a prediction is, nor the order of the exchanges: only when
+   a prediction is made;
 6. after the last batch, drain the FIFO.
 
 ``Pipeline`` holds steps 2-6 for one pass; the closed loop (``Runner``) and the
@@ -34,6 +36,7 @@ from .config import STREAM_DELAY, rng
 from .data import LocalBatch, Source
 from .input_dist import DEFAULT_CHAIN_BYTES, InputDist, LocalInputs, bags_of_rows
 from .model import DLRM
+from .patience import Patience
 from .report import ProgressBar
 from .sharding import ExchangeLayout, batch_slices
 
@@ -58,11 +61,16 @@ class RunSpec:
     input_dist: bool = False
     chain_bytes: int = DEFAULT_CHAIN_BYTES
     input_lag: int = 1
+    patience_s: Optional[float] = 0.0  # None: auto; 0: off (see patience.py)
 
     def describe(self) -> str:
         parts = [f"{self.backend} bound={self.bound}"]
         if self.complete != "eager":
             parts.append(f"complete={self.complete}")
+        elif self.bound > 0 and self.backend != "mpi":  # where the latency policy acts
+            p = self.patience_s
+            parts.append("patience=" + ("auto" if p is None else f"{p * 1000:g}ms" if p else
+                                        "off"))
         if self.input_dist:
             parts.append("input-dist" + ("" if self.chain_bytes > 0 else " unchained"))
         if self.delay_ms:
@@ -105,6 +113,8 @@ class RankResult:
     iter_s: List[float] = field(default_factory=list)
     latency_s: List[float] = field(default_factory=list)
     blocked_s: float = 0.0
+    patience_waits_s: float = 0.0  # waits of the latency policy (part of blocked_s)
+    patience_s: float = 0.0        # the latency policy's last patience
     slept_s: float = 0.0
     max_fifo: int = 0
     max_lag: Optional[int] = None
@@ -203,9 +213,7 @@ class Runner:
                              f"run asks for {spec.input_dist}")
         if spec.input_lag < 0:
             raise ValueError(f"--input-lag must be >= 0, got {spec.input_lag}")
-        if spec.complete not in COMPLETIONS:
-            raise ValueError(f"--complete must be one of {', '.join(COMPLETIONS)}; "
-                             f"got {spec.complete!r}")
+        check_completion(spec.complete, spec.patience_s)
         res = RankResult(rank=self.rank)
         n_src = self.source.num_batches
         with torch.inference_mode():
@@ -225,6 +233,17 @@ class Runner:
         return res
 
 
+def check_completion(complete: str, patience_s: Optional[float]) -> None:
+    """``--complete`` and ``--patience-ms`` (in seconds, None: auto) of a run, one clear
+    line when bad; auto goes with either."""
+    if complete not in COMPLETIONS:
+        raise ValueError(f"--complete must be one of {', '.join(COMPLETIONS)}; "
+                         f"got {complete!r}")
+    if complete == "lazy" and patience_s:
+        raise ValueError(f"--patience-ms {patience_s * 1000:g} needs --complete eager "
+                         f"(lazy finishes batches only past the bound); drop one of them")
+
+
 OnPrediction = Callable[[_Pending, torch.Tensor], None]
 
 
@@ -240,40 +259,64 @@ class Pipeline:
     """
 
     def __init__(self, runner: Runner, spec: RunSpec, backend: Backend, res: RankResult,
-                 keep: bool, on_prediction: Optional[OnPrediction] = None) -> None:
+                 keep: bool, on_prediction: Optional[OnPrediction] = None,
+                 before_embed: Optional[Callable[[Any], None]] = None) -> None:
         self.model, self.layout = runner.model, runner.layout
         self.spec, self.backend, self.res, self.keep = spec, backend, res, keep
         self.on_prediction = on_prediction or self._keep_prediction
+        self.before_embed = before_embed  # called with a batch's tag once its inputs are in
         self.fifo: Deque[_Pending] = deque()
         self.inputs: Deque[_Distributing] = deque()
         self.input_lag = 0 if backend.synchronous else spec.input_lag
         self.dist = InputDist(runner.layout, runner.model.arch.num_tables, spec.chain_bytes)
         self.flags: List[int] = []  # the flag word of every rank, latest distributed batch
+        lazy = spec.complete != "eager" or backend.synchronous
+        self.patience = Patience(0.0 if lazy else spec.patience_s)
+        self._work_s = 0.0  # compute since the policy last looked, waits excluded
+        self._hook_s = 0.0  # time spent in before_embed (an injected delay, say)
 
     def _blocked(self, t: float) -> None:
         self.res.blocked_s += time.perf_counter() - t
 
+    def _work(self) -> Callable[[], None]:
+        """Start timing compute; the returned call adds the time since, waits excluded,
+        to the work the latency policy measures its patience by."""
+        t, blocked, hooked = time.perf_counter(), self.res.blocked_s, self._hook_s
+
+        def stop() -> None:
+            self._work_s += (time.perf_counter() - t - (self.res.blocked_s - blocked)
+                             - (self._hook_s - hooked))
+        return stop
+
     def push_batch(self, b: int, sparse: Any, size: int, dense: np.ndarray, lo: int,
                    t0: float, tag: Any = None) -> None:
         """Steps 2-4 with replicated inputs (``t0``: the step's start)."""
+        work = self._work()
         send = self.model.apply_emb(sparse, size).reshape(-1)
         self._post(b, send, self.layout.sendcounts(size), self.layout.recvcounts(size), dense,
                    lo, t0, tag)
+        work()
 
     def push_inputs(self, b: int, local: LocalInputs, lo: int, t0: float, tag: Any = None,
                     flag: int = 0) -> None:
         """Start batch ``b``'s input distribution; embed the batch now ``input_lag`` old."""
+        work = self._work()
         tc = time.perf_counter()
         handle = self.dist.post(self.backend, local, flag)
         self._blocked(tc)
         self.inputs.append(_Distributing(b, handle, local.dense, lo, t0, tag))
         while len(self.inputs) > self.input_lag:
             self._embed(self.inputs.popleft())
+        work()
 
     def _embed(self, d: _Distributing) -> None:
         tw = time.perf_counter()
         bags = self.dist.collect(self.backend, d.handle)
         self._blocked(tw)
+        if self.before_embed is not None:
+            th = time.perf_counter()
+            self.before_embed(d.tag)
+            self._hook_s += time.perf_counter() - th
         self.flags = bags.flags
         n = bags.rows
         if n and self.layout.my_tables:
@@ -298,23 +341,49 @@ class Pipeline:
 
     def complete(self) -> None:
         """Finish batches at the head of the FIFO: eagerly every one whose exchange is
-        done, then (both policies) the oldest while more than ``bound`` are in flight."""
+        done, then, with the latency policy, every one that completes within its
+        patience, then (every policy) the oldest while more than ``bound``
+        are in flight."""
         fifo, backend = self.fifo, self.backend
+        if self._work_s > 0:  # once per step: the serving loop calls us more often
+            self.patience.note_work(self._work_s)
+            self._work_s = 0.0
         if self.spec.complete == "eager":
             while fifo and backend.done(fifo[0].handle):
                 self._finish(fifo.popleft())
+            if self.patience.enabled:
+                self._wait_patiently()
         elif fifo and not backend.synchronous:
             backend.poke(fifo[0].handle)
         while len(fifo) > self.spec.bound:
             self._finish(fifo.popleft())
 
+    def _wait_patiently(self) -> None:
+        """The soft bound: before the next step, wait for the FIFO to empty, finishing
+        each head as it completes, for at most one patience in all; a FIFO still not
+        empty then means a peer is really late, and the rank runs ahead (within the
+        hard bound)."""
+        fifo = self.fifo
+        deadline = time.perf_counter() + self.patience.seconds()
+        while fifo:
+            tw = time.perf_counter()
+            done = self.backend.wait_until(fifo[0].handle, deadline)
+            self._blocked(tw)
+            self.res.patience_waits_s += time.perf_counter() - tw
+            if not done:
+                return
+            self._finish(fifo.popleft())
+
     def _finish(self, p: _Pending) -> None:
         """Step 5 for the oldest batch: wait, interaction, top MLP -> predictions."""
+        work = self._work()
         tw = time.perf_counter()
         received = self.backend.finish_parts(p.handle)
         self._blocked(tw)
         ly = self.layout.assemble(received, p.x.shape[0])
-        self.on_prediction(p, self.model.top_rows(p.x, ly, p.lo))
+        pred = self.model.top_rows(p.x, ly, p.lo)
+        work()
+        self.on_prediction(p, pred)
 
     def _keep_prediction(self, p: _Pending, pred: torch.Tensor) -> None:
         if self.keep:
@@ -323,6 +392,7 @@ class Pipeline:
 
     def drain(self) -> None:
         """Embed every batch still distributing, then finish every batch."""
+        self.res.patience_s = self.patience.seconds()
         while self.inputs:
             self._embed(self.inputs.popleft())
         while self.fifo:

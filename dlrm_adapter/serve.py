@@ -232,7 +232,8 @@ class ServeResult:
     wall_s: float = 0.0
     blocked_s: float = 0.0
     slept_s: float = 0.0
-    latency_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    latency_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # arrival -> response
+    queued_s: np.ndarray = field(default_factory=lambda: np.zeros(0))   # arrival -> its batch
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     preds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     loadgen: Dict[str, Any] = field(default_factory=dict)
@@ -282,22 +283,32 @@ class Server:
         log.enable_trace = False
         step_res = RankResult(rank=self.rank)
         latency: List[float] = []
+        queued: List[float] = []
         ids: List[int] = []
         preds: List[np.ndarray] = []
 
         def respond(p: Any, pred: torch.Tensor) -> None:
             if p.tag is None:
                 return
+            t_taken, batch, _ = p.tag
             now = time.perf_counter()
             values = np.ascontiguousarray(pred.numpy(), dtype=np.float32)
             base = values.ctypes.data  # LoadGen copies what it logs during the call
             lg.QuerySamplesComplete([lg.QuerySampleResponse(qid, base + 4 * i, 4)
-                                     for i, (qid, _, _) in enumerate(p.tag)])
-            res.answered += len(p.tag)
-            latency.extend(now - t for _, _, t in p.tag)
+                                     for i, (qid, _, _) in enumerate(batch)])
+            res.answered += len(batch)
+            latency.extend(now - t for _, _, t in batch)
+            queued.extend(t_taken - t for _, _, t in batch)
             if args.save_predictions:
-                ids.extend(k for _, k, _ in p.tag)
+                ids.extend(k for _, k, _ in batch)
                 preds.append(values)
+
+        def compute(tag: Any) -> None:
+            """A batch's injected delay, paid once its inputs are in, before it is pooled."""
+            if tag is not None and tag[2] > 0:
+                t = time.perf_counter()
+                time.sleep(tag[2])
+                res.slept_s += time.perf_counter() - t
 
         try:
             with torch.inference_mode():
@@ -309,7 +320,7 @@ class Server:
                                                               log), daemon=True)
                 t0 = time.perf_counter()
                 tester.start()
-                pipe = Pipeline(self.runner, spec, backend, step_res, True, respond)
+                pipe = Pipeline(self.runner, spec, backend, step_res, True, respond, compute)
                 self._serve(spec, pipe, queries, tester, res)
                 res.wall_s = time.perf_counter() - t0
                 tester.join(timeout=max(60.0, args.timeout))
@@ -321,6 +332,7 @@ class Server:
             lg.DestroySUT(sut)
         res.issued = queries.issued
         res.latency_s = np.asarray(latency, dtype=np.float64)
+        res.queued_s = np.asarray(queued, dtype=np.float64)
         res.ids = np.asarray(ids, dtype=np.int64)
         res.preds = np.concatenate(preds) if preds else np.zeros(0, np.float32)
         res.blocked_s = step_res.blocked_s
@@ -347,12 +359,6 @@ class Server:
         step = 0
         while True:
             t_step = time.perf_counter()
-            pause = slow
-            if delays is not None:
-                pause += float(delays.uniform(spec.delay_ms[0], spec.delay_ms[1])) / 1000.0
-            if pause > 0:
-                time.sleep(pause)
-                res.slept_s += time.perf_counter() - t_step
             # batch what has arrived: a full batch, or the oldest waited long enough and
             # no earlier step is still waiting for a peer (a rank ahead of the others
             # gains nothing by posting: its queries would wait for them anyway, so it
@@ -364,9 +370,17 @@ class Server:
                     break
                 time.sleep(POLL_S)
             batch = [q.popleft() for _ in range(min(cap, len(q)))]
+            # The injected delay models this rank's compute on its batch: drawn every
+            # step (the stream stays aligned), paid only with queries to compute on,
+            # when the batch is computed (see compute below).
+            pause = slow
+            if delays is not None:
+                pause += float(delays.uniform(spec.delay_ms[0], spec.delay_ms[1])) / 1000.0
+            t_taken = time.perf_counter()
             finished = not tester.is_alive() and not q and not batch
             ids = np.fromiter((k for _, k, _ in batch), dtype=np.int64, count=len(batch))
-            pipe.push_inputs(step, self.library.gather(ids), 0, t_step, batch or None,
+            pipe.push_inputs(step, self.library.gather(ids), 0, t_step,
+                             (t_taken, batch, pause) if batch else None,
                              flag=int(finished))
             pipe.complete()
             step += 1
@@ -392,10 +406,12 @@ def summarize(spec: Any, qps: float, ranks: List[Dict[str, Any]], scenario: str)
     for l in lgs:
         for k, v in (l.get("latency_ms") or {}).items():
             worst[k] = max(worst.get(k, v), v)
-    own = np.concatenate([np.asarray(r["latency_s"], dtype=np.float64) for r in ranks]) * 1000.0
-    own_pct = ({f"p{q}": float(np.percentile(own, q)) for q in (50, 90, 95, 99)}
-               if len(own) else {})
+    def pct(key: str) -> Dict[str, float]:
+        v = np.concatenate([np.asarray(r[key], dtype=np.float64) for r in ranks]) * 1000.0
+        return {f"p{q}": float(np.percentile(v, q)) for q in (50, 90, 95, 99)} if len(v) else {}
+    own_pct = pct("latency_s")
     steps = sum(r["steps"] for r in ranks)
+    per_step = lambda key: sum(r[key] for r in ranks) / max(steps, 1) * 1000.0  # noqa: E731
     return {
         "label": spec.label or spec.describe(),
         "backend": spec.backend, "bound": spec.bound, "scenario": scenario,
@@ -407,6 +423,11 @@ def summarize(spec: Any, qps: float, ranks: List[Dict[str, Any]], scenario: str)
         "achieved_qps": float(sum(l.get("qps") or 0.0 for l in lgs)),
         "latency_ms": worst,  # LoadGen's percentiles, worst rank
         "query_latency_ms": own_pct,  # arrival -> response over every query of every rank
+        # where a query's time goes: waiting for its batch (the step's injected delay
+        # and batching), then its step (input and embedding exchanges, compute); and per
+        # step, the injected delay and the waits on peers
+        "breakdown_ms": {"queued": pct("queued_s"), "lag_ms_per_step": per_step("blocked_s"),
+                         "delay_ms_per_step": per_step("slept_s")},
         "issued": int(sum(r["issued"] for r in ranks)),
         "answered": int(sum(r["answered"] for r in ranks)),
         "steps_per_rank": steps / max(len(ranks), 1),
@@ -430,6 +451,10 @@ def format_summary(s: Dict[str, Any]) -> str:
                                           f"p95 {ms(lat, 'p95')}  p99 {ms(lat, 'p99')}  ms"),
         ("latency (every query)", f"p50 {ms(own, 'p50')}  p95 {ms(own, 'p95')}  "
                                   f"p99 {ms(own, 'p99')}  ms"),
+        ("where the time goes", f"queued for a batch p50 {ms(s['breakdown_ms']['queued'], 'p50')}"
+                                f"  p99 {ms(s['breakdown_ms']['queued'], 'p99')} ms; per step: "
+                                f"delay {s['breakdown_ms']['delay_ms_per_step']:.2f}, waits "
+                                f"{s['breakdown_ms']['lag_ms_per_step']:.2f} ms"),
         ("queries", f"{s['issued']} issued, {s['answered']} answered; mean batch "
                     f"{s['mean_batch']:.1f}, {100 * s['empty_step_fraction']:.0f}% empty steps"),
     ]
@@ -473,7 +498,8 @@ def execute(job: Any, make_backend: Any) -> int:
             s = summarize(spec, qps, ranks, args.scenario)
             print(format_summary(s), flush=True)
             out.append({"summary": s, "ranks": [{k: v for k, v in r.items()
-                                                  if k not in ("ids", "preds", "latency_s")}
+                                                  if k not in ("ids", "preds", "latency_s",
+                                                               "queued_s")}
                                                  for r in ranks],
                         "responses": (ranks if args.save_predictions else None)})
     if job.rank == 0:

@@ -74,6 +74,30 @@ def test_eager_and_lazy_completion_give_identical_predictions(reference: np.ndar
     assert fifo["lazy", "mpi"] == 4
 
 
+@needs_mpirun
+def test_latency_policy_changes_when_not_what(reference: np.ndarray, tmp_path: Path) -> None:
+    """--patience-ms off, auto and fixed: the same bits, and the policy really waits."""
+    backends = ["mpi-bls"] + (["bls"] if BLS else [])
+    pattern, report = str(tmp_path / "{backend}_{run}.npy"), tmp_path / "p.json"
+    # rank 1 is 3 ms slower per batch: the others would run ahead; a 20 ms patience
+    # holds them back every step, auto at times
+    run_adapter(COMMON + ["--backend", ",".join(backends), "--bound", "3",
+                          "--patience-ms", "0,auto,20", "--slow-rank", "1", "--slow-ms", "3",
+                          "--save-predictions", pattern, "--json", str(report)], 3)
+    waits = {}
+    for i, run in enumerate(_runs(report)):
+        s = run["summary"]
+        got = np.load(pattern.format(backend=s["backend"], run=i))
+        assert got.tobytes() == reference.tobytes(), s["label"]
+        waits[s["backend"], s["patience_ms"]] = (
+            sum(r["patience_waits_s"] for r in run["ranks"]), max(r["max_fifo"] for r in run["ranks"]))
+    for b in backends:
+        assert waits[b, 0.0][0] == 0, waits  # off: no policy wait at all
+        assert waits[b, 20.0][0] > 0, waits
+        # held back, the fast ranks keep fewer exchanges in flight than when free
+        assert waits[b, 20.0][1] < waits[b, 0.0][1], waits
+
+
 # ------------------------------------------------------------------ input distribution
 
 @needs_mpirun
@@ -177,6 +201,10 @@ def test_bad_serving_options_give_one_clear_line(tmp_path: Path) -> None:
     _one_error_line(["--scenario", "server", "--target-qps", "-5"], "'-5'")
     _one_error_line(["--scenario", "offline", "--batch-size", "0"], "--batch-size must be >= 1")
     _one_error_line(["--target-qps", "100"], "--target-qps applies to --scenario")
+    _one_error_line(["--patience-ms", "soon"], "--patience-ms must be auto, 0 (off) or a "
+                                               "number of milliseconds >= 0; got 'soon'")
+    _one_error_line(["--patience-ms", "-1"], "got '-1'")
+    _one_error_line(["--complete", "lazy", "--patience-ms", "2"], "needs --complete eager")
     # LoadGen missing: a module of that name that fails to import shadows the real one
     (tmp_path / "mlperf_loadgen.py").write_text("raise ImportError('not installed here')\n")
     env = adapter_env()

@@ -297,3 +297,21 @@ def test_assemble_from_per_source_pieces_equals_assemble_from_the_flat_buffer():
     assert got.shape == (rows, 4, emb_dim)
     with pytest.raises(RuntimeError, match="from one rank"):
         layout.assemble([pieces[1], pieces[0], pieces[2], pieces[3]], rows)
+
+
+# ------------------------------------------------------------------ the latency policy
+
+def test_patience_values_and_the_auto_measure() -> None:
+    from dlrm_adapter.patience import AUTO_STEPS, AUTO_WINDOW, Patience, parse_patience
+    assert parse_patience("auto") is None and parse_patience("AUTO ") is None
+    assert parse_patience("0") == 0.0 and parse_patience("2.5") == pytest.approx(2.5e-3)
+    for bad in ("soon", "-1", "nan", "inf", ""):
+        with pytest.raises(ValueError, match="--patience-ms must be auto, 0 \\(off\\)"):
+            parse_patience(bad)
+    assert not Patience(0.0).enabled and Patience(1e-3).seconds() == 1e-3
+    auto = Patience(None)
+    assert auto.enabled and auto.seconds() == 0.0  # nothing measured yet: no wait
+    for s in [0.010] * AUTO_WINDOW + [0.001, 0.003] * (AUTO_WINDOW // 2):
+        auto.note_work(s)
+    # the mean of the last AUTO_WINDOW steps: the older slow steps have aged out
+    assert auto.seconds() == pytest.approx(AUTO_STEPS * 0.002)
