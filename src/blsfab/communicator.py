@@ -18,7 +18,7 @@ from . import provider as _provider
 from .bootstrap import MPIBootstrap, geometry_mismatch, hostname, run_step
 from .errors import ClosedError, FabricError, TimeoutError
 from .node_local import (NodeLocalRings, check_job_token, endpoint_region_name, new_job_token,
-                         sigterm_raises, unlink_endpoint_regions)
+                         sigterm_raises, unlink_job)
 
 Request = _core.Request
 
@@ -211,12 +211,12 @@ class Communicator:
                 if engine is not None:
                     engine.close()
                 if self._rings is not None:
-                    self._rings.abandon()
+                    self._rings.close()
                     self._rings = None
-                if named_regions:
-                    # A peer may have died between creating its region and
+                if shared or named_regions:
+                    # A peer may have died between creating a name and
                     # unlinking it: remove every name of the job on this host.
-                    unlink_endpoint_regions(token, local_group)
+                    unlink_job(token, local_group)
                 raise
         if self._rings is not None:
             self._rings.unlink_own()  # every local peer mapped it in step 3

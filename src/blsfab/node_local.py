@@ -69,15 +69,6 @@ def endpoint_region_name(token: str, rank: int) -> str:
     return f"{PREFIX[1:]}{token}-ep{rank}"
 
 
-def unlink_endpoint_regions(token: str, local: Sequence[int]) -> None:
-    """Remove every shm endpoint region name of this job's ``local`` ranks."""
-    for r in local:
-        try:
-            _core.unlink_segment("/" + endpoint_region_name(token, r))
-        except OSError:
-            pass
-
-
 class NodeLocalRings:
     """This rank's shared receive segment and its mappings of its local peers'.
 
@@ -154,12 +145,14 @@ class NodeLocalRings:
 
 
 def unlink_job(token: str, local: Sequence[int]) -> None:
-    """Remove every segment name of this job's ``local`` ranks that still exists."""
+    """Remove every name of this job's ``local`` ranks that still exists in
+    /dev/shm: their node-local segments and their shm endpoint regions."""
     for r in local:
-        try:
-            _core.unlink_segment(segment_name(token, r))
-        except OSError:
-            pass
+        for name in (segment_name(token, r), "/" + endpoint_region_name(token, r)):
+            try:
+                _core.unlink_segment(name)
+            except OSError:
+                pass
 
 
 def establish(boot, local: Sequence[int], ring_slots: int, slot_bytes: int, timeout: float,
