@@ -2,6 +2,7 @@
 memory layout, and the checks on peers' address blobs."""
 
 import mmap
+import os
 import struct
 
 import pytest
@@ -109,3 +110,21 @@ def test_address_blobs_are_checked_field_by_field(shm):
     e1.connect([b0, b1])
     for e in (e0, e1, other):
         e.close()
+
+
+@pytest.mark.parametrize("bad", ["", "../etc/passwd", "a/b", ".hidden", "x" * 129, "naïve"])
+def test_a_bad_shm_region_name_is_refused_by_name(shm, bad):
+    with pytest.raises(ValueError, match="region_name"):
+        _core.RingEngine(shm, 0, 2, 4096, 2, 8, region_name=bad)
+
+
+def test_a_named_shm_region_exists_until_it_is_unlinked(shm):
+    name = f"blsfab-unit-{os.getpid():x}-ep0"
+    engine = _core.RingEngine(shm, 0, 2, 4096, 2, 8, region_name=name)
+    try:
+        assert os.path.exists("/dev/shm/" + name)
+        assert engine.unlink_region_name() is True
+        assert not os.path.exists("/dev/shm/" + name)
+        assert engine.unlink_region_name() is False  # already gone: not an error
+    finally:
+        engine.close()

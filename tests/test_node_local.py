@@ -18,7 +18,8 @@ def test_ranks_exchange_through_shared_rings_and_leave_no_names(nprocs):
     assert f"OK node-local exchange P={nprocs}" in out
 
 
-@pytest.mark.parametrize("mode", ["kill-running", "kill-setup", "kill-communicator"])
+@pytest.mark.parametrize("mode", ["kill-running", "kill-setup", "kill-communicator",
+                                  "kill-construction"])
 def test_a_killed_rank_leaves_nothing_in_dev_shm(mode):
     cmd = ["mpirun", "--oversubscribe", "--mca", "btl", "vader,self", "-np", "3",
            sys.executable, os.path.join(MPI_DIR, "check_node_local.py"), mode]

@@ -6,8 +6,10 @@ usage: check_node_local.py MODE
   kill-running  as exchange, but rank 1 is killed (SIGKILL) mid-run
   kill-setup    rank 1 is killed after creating its segment, before the others map it
   kill-communicator  a Communicator on the node-local path; rank 1 is killed mid-run
+  kill-construction  a Communicator on the shm provider; rank 1 is killed in construction
 """
 
+import json
 import os
 import signal
 import sys
@@ -42,6 +44,28 @@ class DyingBootstrap(MPIBootstrap):
             os.kill(os.getpid(), signal.SIGKILL)
         super().barrier(progress, timeout)
 
+
+class DyingInConstruction(MPIBootstrap):
+    """Rank 1 dies in a Communicator's last construction step: every shm
+    endpoint region exists and none is unlinked yet."""
+
+    steps = 0
+
+    def allgather(self, payload, *args, **kwargs):
+        self.steps += 1
+        if self.steps == 3 and self.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        gathered = super().allgather(payload, *args, **kwargs)
+        if self.steps == 1:  # the hello carries rank 0's job token
+            print(f"TOKEN {json.loads(gathered[0][1:])['token']}", flush=True)  # after the OK byte
+        return gathered
+
+
+if mode == "kill-construction":
+    import blsfab
+    blsfab.Communicator(bound=2, slot_bytes=1 << 16, provider="shm", local="fabric",
+                        timeout=30, bootstrap=DyingInConstruction())
+    expect(False, "construction should have failed with rank 1")
 
 if mode == "kill-communicator":
     # A whole node-local Communicator; rank 1 dies mid-run.
