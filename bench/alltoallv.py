@@ -29,6 +29,18 @@ Sections:
              ialltoallv() (the copies in, the writes and the bound wait) and in
              wait() or views() (the copies out), with in-place, spill and zero-copy
              counts per call; a profiling aid, not part of the sweep
+
+Two latency rows say what the machine did during the run:
+  fresh      MPI_Alltoallv and blsfab with a store into every cache line of the send
+             buffer before each call, as an application's data would be. The plain
+             rows reuse an unchanged send buffer, which stays cached on the reading
+             core, and a pull (vader's CMA) gets it cheaply; a push into the peer's
+             ring cannot.
+  handoff    before and after each size, the one-way time to hand a cache line from
+             rank 0's core to rank 1's (floor_handoff_ns). About 25-40 ns when the
+             host keeps both vCPUs on one die; 150-190 ns when it does not, and then
+             every fresh byte that crosses between ranks costs 4-6x more, for MPI too.
+             The targets table lists the rows measured that way.
 """
 
 from __future__ import annotations
@@ -57,6 +69,11 @@ FABRIC_NAMES = {"shm": "shm", "tcp": "tcp;ofi_rxm"}
 FLOOR_SOURCE = os.path.join(HERE, "floor.c")
 FLOOR_LIBRARY = os.path.join(HERE, "build", "libblsfloor.so")
 
+
+# Above this one-way handoff between two ranks' cores, the host has placed the
+# vCPUs on different dies: every freshly written byte one rank reads from the
+# other crosses between them (docs/scaling.md, "Where the host puts the vCPUs").
+SLOW_HANDOFF_NS = 100
 
 # --------------------------------------------------------------------------- floor
 
@@ -89,7 +106,8 @@ class Floor:
                                 ("floor_fabric_open", vp, [i, sz, ctypes.c_char_p]),
                                 ("floor_fabric_run", ctypes.c_double, [vp, i]),
                                 ("floor_fabric_error", ctypes.c_char_p, [vp]),
-                                ("floor_fabric_close", None, [vp])]:
+                                ("floor_fabric_close", None, [vp]),
+                                ("floor_handoff_ns", ctypes.c_double, [i, i])]:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
         self.lib, self.fcomm = lib, comm.py2f()
@@ -111,6 +129,10 @@ class Floor:
             if self.lib.floor_fabric_run(h, n) < 0:
                 raise RuntimeError(f"floor on {provider}: {self.lib.floor_fabric_error(h).decode()}")
         return run
+
+    def handoff_ns(self, comm, iters=1000):
+        """One-way cache-line handoff between node ranks 0 and 1, in ns, on every rank."""
+        return comm.allreduce(self.lib.floor_handoff_ns(self.fcomm, iters), op=max)
 
     def close(self):
         for close, h in self.handles:
@@ -223,9 +245,25 @@ def worker(args) -> None:
                 with comm.ialltoallv(send, counts).views():
                     pass
 
+        def rewrite(i):
+            # A store into every cache line of the send buffer: the data is new
+            # at each call, as in an application, not left cached since the last.
+            send[::64] = i & 0xFF
+
+        def mpi_fresh(n):
+            for i in range(n):
+                rewrite(i)
+                world.Alltoallv(sspec, rspec)
+
+        def blsfab_fresh(n, comm=bls):
+            for i in range(n):
+                rewrite(i)
+                comm.ialltoallv(send, counts).wait()
+
         contenders = {"MPI_Alltoallv": mpi_blocking, "MPI_Ialltoallv": mpi_nonblocking,
                       "blsfab": blsfab_one, "blsfab out=": blsfab_out,
-                      "blsfab views": blsfab_views}
+                      "blsfab views": blsfab_views,
+                      "MPI_Alltoallv fresh": mpi_fresh, "blsfab fresh": blsfab_fresh}
         if args.provider == "shm":
             fab = comm_for(0, max(4096, nbytes + 64), local="fabric")
 
@@ -248,11 +286,14 @@ def worker(args) -> None:
                 contenders["floor direct in place"] = floor.direct(nbytes, False)
                 contenders["floor direct copy-out"] = floor.direct(nbytes, True)
             contenders["floor fabric"] = floor.fabric(nbytes, FABRIC_NAMES[args.provider])
+        handoff = [floor.handoff_ns(world)] if floor is not None else []
         med, samples = measure(contenders, iterations_for(nbytes))
         if floor is not None:
             floor.close()
+            handoff.append(floor.handoff_ns(world))
         row = {"bytes": nbytes, "us": {k: v * 1e6 for k, v in med.items()},
-               "samples_us": {k: [x * 1e6 for x in v] for k, v in samples.items()}}
+               "samples_us": {k: [x * 1e6 for x in v] for k, v in samples.items()},
+               "handoff_ns": handoff}
         out["latency"].append(row)
         log(f"  latency {nbytes:>8} B  " + "  ".join(f"{k} {v:8.2f} us" for k, v in row["us"].items()))
 
@@ -481,12 +522,14 @@ def report(jobs) -> str:
             names = list(job["latency"][0]["us"])
             say(f"\n== P={P}, blsfab on {prov} vs Open MPI ({'vader' if prov == 'shm' else 'tcp'}): "
                 "latency per alltoallv, median us (ratio to MPI_Alltoallv) ==")
-            say(f"{'bytes/peer':>10} " + " ".join(f"{n:>22}" for n in names))
+            say(f"{'bytes/peer':>10} " + " ".join(f"{n:>22}" for n in names)
+                + "  handoff ns (before, after)")
             for row in job["latency"]:
                 us = row["us"]
                 mpi = us["MPI_Alltoallv"]
                 say(f"{row['bytes']:>10} " + " ".join(
-                    f"{us[n]:>14.2f} ({us[n] / mpi:5.2f})" for n in names))
+                    f"{us[n]:>14.2f} ({us[n] / mpi:5.2f})" for n in names)
+                    + "  " + ", ".join(f"{h:.0f}" for h in row.get("handoff_ns", [])))
         if job["batch"]:
             say("-- batches of m small alltoallvs per step, median us per step --")
             say(f"{'bytes':>6} {'m':>3} {'MPI x m':>9} {'unchained':>10} {'chained':>9} "
@@ -576,7 +619,15 @@ def targets(jobs):
          *pipeline_ratio(65536)),
         ("26 chained 512 B calls, shm P=2 <= 0.3x 26 MPI calls", le(0.3), *chained_26()),
     ]
+    slow = [f"P={job['P']} {row['bytes']} B" for job in jobs if job["provider"] == "shm"
+            for row in job["latency"] if max(row.get("handoff_ns") or [0]) > SLOW_HANDOFF_NS]
+    rows.append((f"(host) shm rows measured with a cache-line handoff > {SLOW_HANDOFF_NS} ns",
+                 None, float(len(slow)), ", ".join(slow) or "none"))
     for prov in ("shm", "tcp"):
+        value, where = latency_ratio(prov, "blsfab fresh", 4096, 1 << 20, base="MPI_Alltoallv fresh")
+        if value is not None:
+            rows.append((f"(fresh data) blsfab/MPI, send buffer rewritten each call, {prov}",
+                         None, value, where))
         for name in ("floor direct in place", "floor direct copy-out", "floor fabric"):
             value, where = latency_ratio(prov, name, 0, 1 << 30)
             if value is not None:

@@ -13,6 +13,12 @@
  *            in place; completion once every peer's remote CQ entry and our
  *            own writes' completions are in.
  *
+ *   handoff  the one-way latency of handing a cache line from one core to
+ *            another: rank 0 and rank 1 of the node take turns writing one
+ *            shared word. On a VM it says where the host has put the two
+ *            vCPUs; a slow handoff means every byte one rank writes and the
+ *            other reads crosses between dies (see docs/scaling.md).
+ *
  * Slots are two deep per sender: every rank waits for all its peers each
  * iteration, so no sender is ever more than one iteration ahead.
  * Each *_run returns the seconds per iteration measured on this rank.
@@ -110,6 +116,61 @@ void floor_direct_close(void *h)
     free(d->send);
     free(d->recv);
     free(d);
+}
+
+/* ---- cache-line handoff ------------------------------------------------- */
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Nanoseconds per one-way handoff between node ranks 0 and 1, on node rank 0:
+ * the median of 15 bursts of `iters` round trips, so a burst in which the
+ * scheduler put both ranks on one core does not decide it. 0 on other ranks
+ * and when the node has one rank. */
+double floor_handoff_ns(MPI_Fint comm_f, int iters)
+{
+    MPI_Comm comm = MPI_Comm_f2c(comm_f), node;
+    MPI_Win win;
+    volatile uint64_t *word;
+    int rank, size;
+    double bursts[15], ns = 0;
+    uint64_t turn = 0;
+    MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &rank);
+    MPI_Comm_size(node, &size);
+    MPI_Win_allocate_shared(rank == 0 ? 64 : 0, 64, MPI_INFO_NULL, node, (void *)&word, &win);
+    if (rank != 0) {
+        MPI_Aint sz;
+        int disp;
+        MPI_Win_shared_query(win, 0, &sz, &disp, (void *)&word);
+    } else {
+        *word = 0;
+    }
+    MPI_Barrier(node);
+    if (size > 1 && rank < 2) {
+        /* Rank 0 writes odd values, rank 1 even ones; each waits for the other. */
+        for (int b = 0; b < 15; b++) {
+            double t0 = MPI_Wtime();
+            for (int i = 0; i < iters; i++, turn++) {
+                uint64_t want = 2 * turn + (uint64_t)rank, spins = 0;
+                while (__atomic_load_n(word, __ATOMIC_ACQUIRE) != want)
+                    if (++spins % 4096 == 0)
+                        sched_yield(); /* sharing a core: let the other rank run */
+                __atomic_store_n(word, want + 1, __ATOMIC_RELEASE);
+            }
+            bursts[b] = (MPI_Wtime() - t0) / (2.0 * iters) * 1e9;
+        }
+        qsort(bursts, 15, sizeof bursts[0], cmp_double);
+        if (rank == 0)
+            ns = bursts[7];
+    }
+    MPI_Barrier(node);
+    MPI_Win_free(&win);
+    MPI_Comm_free(&node);
+    return ns;
 }
 
 /* ---- libfabric writedata ------------------------------------------------- */
