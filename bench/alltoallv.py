@@ -364,8 +364,12 @@ def worker(args) -> None:
 
             contenders[f"blsfab k={k}"] = bls_pipe
             contenders[f"MPI_Ialltoallv k={k}"] = mpi_pipe
+        handoff = [floor.handoff_ns(world)] if floor is not None else []
         med, _ = measure(contenders, n)
-        row = {"bytes": nbytes, "calls_per_s": {k: 1.0 / v for k, v in med.items()}}
+        if floor is not None:
+            handoff.append(floor.handoff_ns(world))
+        row = {"bytes": nbytes, "calls_per_s": {k: 1.0 / v for k, v in med.items()},
+               "handoff_ns": handoff}
         out["pipeline"].append(row)
         log(f"  pipeline {nbytes:>5} B  " + "  ".join(f"{k} {v / 1e3:7.1f}k/s" for k, v in row["calls_per_s"].items()))
 
@@ -548,7 +552,8 @@ def report(jobs) -> str:
                 cells = [f"MPI {base / 1e3:.1f}k"] + [
                     f"{name} {v / 1e3:.1f}k ({v / base:.2f}x)" for name, v in c.items()
                     if name != "MPI_Alltoallv"]
-                say(f"{row['bytes']:>6} B: " + ", ".join(cells))
+                say(f"{row['bytes']:>6} B: " + ", ".join(cells) + "  handoff ns "
+                    + ", ".join(f"{h:.0f}" for h in row.get("handoff_ns", [])))
         if job.get("overlap"):
             say("-- overlap: k = 2 outstanding, compute between calls, median us per call --")
             for row in job["overlap"]:
@@ -620,8 +625,9 @@ def targets(jobs):
         ("26 chained 512 B calls, shm P=2 <= 0.3x 26 MPI calls", le(0.3), *chained_26()),
     ]
     slow = [f"P={job['P']} {row['bytes']} B" for job in jobs if job["provider"] == "shm"
-            for row in job["latency"] if max(row.get("handoff_ns") or [0]) > SLOW_HANDOFF_NS]
-    rows.append((f"(host) shm rows measured with a cache-line handoff > {SLOW_HANDOFF_NS} ns",
+            for section in ("latency", "pipeline") for row in job[section]
+            if max(row.get("handoff_ns") or [0]) > SLOW_HANDOFF_NS]
+    rows.append((f"(host) shm latency/pipeline rows with a cache-line handoff > {SLOW_HANDOFF_NS} ns",
                  None, float(len(slow)), ", ".join(slow) or "none"))
     for prov in ("shm", "tcp"):
         value, where = latency_ratio(prov, "blsfab fresh", 4096, 1 << 20, base="MPI_Alltoallv fresh")
