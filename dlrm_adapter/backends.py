@@ -99,6 +99,11 @@ class Backend:
             time.sleep(min(poll_s, deadline - now))
         return True
 
+    def peers_waiting(self) -> bool:
+        """Whether some rank has already posted an exchange this rank has not (it
+        waits for this one). A library without one-sided arrivals cannot tell: False."""
+        return False
+
     def quiesce(self) -> None:
         """Called with nothing in flight, before a control-plane barrier: make sure no
         peer still needs this rank's progress (no-op by default)."""
@@ -303,6 +308,10 @@ class BLS(Backend):
                 raise RuntimeError(f"blsfab delivered counts {got} per source, expected "
                                    f"{expected}")
             return [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in parts]
+
+    def peers_waiting(self) -> bool:
+        # A peer's write lands before this rank posts the same iteration.
+        return max(self.comm.heard()) > self.comm.iteration
 
     def quiesce(self) -> None:
         # One empty exchange, waited on (what blsfab's torch barrier does): with manual

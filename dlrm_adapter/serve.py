@@ -33,7 +33,7 @@ from .runner import Pipeline, RankResult
 
 SCENARIOS = ("server", "offline")
 SERVING_DEFAULTS: Dict[str, Any] = {
-    "max_wait_ms": 2.0, "duration_s": 10.0, "target_latency_ms": 30.0,
+    "max_wait_ms": 2.0, "duration_s": 10.0, "target_latency_ms": 30.0, "follow_peers": True,
     "loadgen_dir": "mlperf_logs", "num_batches": 8,
 }
 DEFAULT_SERVER_QPS = 2000.0   # --target-qps when not given (the job's total)
@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"({DEFAULT_SERVER_QPS:g}); a list runs each in turn")
     g.add_argument("--max-wait-ms", type=float, metavar="MS",
                    help="serve a partial batch once its oldest query waited MS (2)")
+    g.add_argument("--follow-peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="server: post a partial batch at once when a peer has already "
+                        "posted the step (it waits for this rank); bls only, where a "
+                        "peer's write is visible before this rank posts (on)")
     g.add_argument("--duration-s", type=float, metavar="S",
                    help="LoadGen's minimum duration (10; MLPerf's 600 is allowed)")
     g.add_argument("--target-latency-ms", type=float, metavar="MS",
@@ -111,7 +115,7 @@ def validate(args: argparse.Namespace) -> List[float]:
         raise ValueError(f"--input-lag must be >= 0, got {args.input_lag}")
     if not args.scenario:
         for flag in ("target_qps", "max_wait_ms", "duration_s", "target_latency_ms",
-                     "loadgen_dir"):
+                     "loadgen_dir", "follow_peers"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} applies to --scenario server "
                                  f"or offline")
@@ -352,6 +356,7 @@ class Server:
                res: ServeResult) -> None:
         args = self.args
         wait_s, cap = args.max_wait_ms / 1000.0, int(args.batch_size)
+        follow = bool(args.follow_peers)
         delays = rng(args.seed, STREAM_DELAY, self.rank) if spec.delay_ms else None
         slow = spec.slow_ms / 1000.0 if spec.slow_rank == self.rank else 0.0
         limit = time.monotonic() + 10 * args.duration_s + max(args.timeout, 60.0)
@@ -359,14 +364,17 @@ class Server:
         step = 0
         while True:
             t_step = time.perf_counter()
-            # batch what has arrived: a full batch, or the oldest waited long enough and
-            # no earlier step is still waiting for a peer (a rank ahead of the others
-            # gains nothing by posting: its queries would wait for them anyway, so it
-            # keeps batching; a full batch goes at once, within the bound)
+            # batch what has arrived: a full batch, or, once no earlier step still waits
+            # for a peer, the oldest query waited long enough or a peer has already
+            # posted this step. (A rank ahead of the others gains nothing by posting:
+            # its queries would wait for them anyway, so it keeps batching; a rank
+            # behind them holds their queries up, so it goes at once. A full batch
+            # goes at once, within the bound.)
             while len(q) < cap and tester.is_alive():
                 pipe.complete()  # eager: answer finished batches while waiting
                 start = q[0][2] if q else t_step
-                if time.perf_counter() >= start + wait_s and not pipe.fifo:
+                if not pipe.fifo and (time.perf_counter() >= start + wait_s
+                                      or (follow and pipe.backend.peers_waiting())):
                     break
                 time.sleep(POLL_S)
             batch = [q.popleft() for _ in range(min(cap, len(q)))]

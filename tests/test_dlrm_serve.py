@@ -272,3 +272,14 @@ def test_owners_rebuild_the_whole_batch_from_own_samples(ranks: int, batch: int)
         assert net.posted[r][0][0] == hi - lo
         own = sum(len(bags_of_rows(i, o, lo, hi)[1]) for i, o in whole.sparse.values())
         assert sum(net.posted[r][3]) == own
+
+
+@pytest.mark.skipif(not BLS, reason="blsfab is not built")
+@pytest.mark.parametrize("provider", ["shm", "tcp"])
+def test_a_peer_post_is_seen_before_this_rank_posts(provider: str) -> None:
+    """The server's --follow-peers: Communicator.heard() and BLS.peers_waiting() see a
+    peer that posted a step this rank has not, and stop once this rank has posted."""
+    from conftest import run_mpi
+
+    out = run_mpi(3, "check_heard.py", provider, timeout=120)
+    assert out.count(": ok") == 3, out

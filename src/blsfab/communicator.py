@@ -306,6 +306,15 @@ class Communicator:
         """Poll completions once; returns how many were handled."""
         return self.engine.make_progress()
 
+    def heard(self) -> List[int]:
+        """Iterations each rank has posted, as far as this rank has seen (its
+        own entry: iterations it posted), after one progress poll. A rank whose
+        entry exceeds ``iteration`` has posted work this rank has not: it is
+        waiting for this one."""
+        engine = self.engine
+        engine.make_progress()
+        return engine.heard()
+
     def stats(self) -> dict:
         s = self.engine.counters_dict()
         s.update(rank=self.rank, size=self.size, bound=self.bound, provider=self.provider,
