@@ -1,6 +1,7 @@
 """Peak QPS under a p99 latency bound, MLPerf LoadGen server scenario, every backend.
 
     python bench/dlrm_server.py            # P=4, no delays and --delay-ms 0:10 (~15 min)
+    python bench/dlrm_server.py --no-follow   # also bls with --no-follow-peers (~22 min)
     python bench/dlrm_server.py --quick    # a smoke run of the whole pipeline (~2 min)
 
 For mpi (bound 0, the reference DLRM), mpi-bls and bls at every bound of --bounds and
@@ -30,10 +31,11 @@ from dlrm_common import (backends_to_run, pyplot, run_job, save_figure,  # noqa:
 DELAYS = {"no delay": None, "delay 0-10 ms": "0:10"}
 
 
-def sweep(a: argparse.Namespace, backend: str, bounds: List[int], lag: int,
+def sweep(a: argparse.Namespace, backend: str, bounds: List[int], lag: int, follow: bool,
           delay: Optional[str], qps: List[float]) -> List[Dict[str, Any]]:
     """One job: every bound x every offered QPS for one backend, lag and delay setting."""
     args = ["--scenario", "server", "--backend", backend, "--input-lag", str(lag),
+            "--follow-peers" if follow else "--no-follow-peers",
             "--bound", ",".join(str(k) for k in bounds),
             "--target-qps", ",".join(f"{q:g}" for q in qps),
             "--duration-s", f"{a.delay_duration_s if delay else a.duration_s:g}",
@@ -48,6 +50,7 @@ def sweep(a: argparse.Namespace, backend: str, bounds: List[int], lag: int,
     for run in job["runs"]:
         s = run["summary"]
         out.append({"backend": s["backend"], "bound": s["bound"], "input_lag": lag,
+                    "follow_peers": follow,
                     "target_qps": s["target_qps"],
                     "achieved_qps": s["achieved_qps"], "verdict": s["verdict"],
                     "p50_ms": s["latency_ms"].get("p50"), "p99_ms": s["latency_ms"].get("p99"),
@@ -81,6 +84,9 @@ def main() -> None:
     p.add_argument("--lags", default="0",
                    help="input lags tried for mpi-bls and bls (1 lost at every point tried: "
                         "a query then waits for two steps of the slowest rank)")
+    p.add_argument("--no-follow", action="store_true",
+                   help="also run bls with --no-follow-peers (each bound), to show what "
+                        "posting when a peer already has buys")
     p.add_argument("--duration-s", type=float, default=3.0,
                    help="LoadGen minimum duration of a no-delay point")
     p.add_argument("--delay-duration-s", type=float, default=10.0,
@@ -104,17 +110,22 @@ def main() -> None:
     lags = [int(k) for k in a.lags.split(",")]
     warn_if_busy()
     load_before = os.getloadavg()
-    configs = [("mpi", [0], 0)] + [(b, bounds, lag) for b in backends_to_run(["mpi-bls", "bls"])
-                                   for lag in lags]
+    # (backend, bounds, input lag, --follow-peers); the flag only acts on bls
+    configs = [("mpi", [0], 0, True)] + [(b, bounds, lag, True)
+                                         for b in backends_to_run(["mpi-bls", "bls"])
+                                         for lag in lags]
+    if a.no_follow:
+        configs += [(b, bounds, lag, False) for b, _, lag, _ in configs if b == "bls"]
 
     results: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
     peaks: Dict[str, Dict[str, float]] = {}
     for name, delay in DELAYS.items():
-        points = [pt for backend, ks, lag in configs
-                  for pt in sweep(a, backend, ks, lag, delay, ladders[name])]
+        points = [pt for backend, ks, lag, follow in configs
+                  for pt in sweep(a, backend, ks, lag, follow, delay, ladders[name])]
         series: Dict[str, List[Dict[str, Any]]] = {}
         for pt in points:
             lag = "" if pt["backend"] == "mpi" else f" lag={pt['input_lag']}"
+            lag += "" if pt["follow_peers"] else " no-follow"
             series.setdefault(f"{pt['backend']} k={pt['bound']}{lag}", []).append(pt)
         results[name] = series
         peaks[name] = {label: peak(pts, a.latency_ms) for label, pts in series.items()}
@@ -143,7 +154,7 @@ def main() -> None:
         "duration_s": a.duration_s, "delay_duration_s": a.delay_duration_s,
         "batch_size_per_rank": a.batch_size,
         "max_wait_ms": a.max_wait_ms, "latency_bound_ms": a.latency_ms, "rows_cap": a.rows_cap,
-        "quick": a.quick, "extra": a.extra,
+        "quick": a.quick, "extra": a.extra, "no_follow_series": a.no_follow,
         # the 1/5/15-minute load averages before and after: how quiet the machine was
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "series": results, "peak_qps": peaks, "ratios": checks,
