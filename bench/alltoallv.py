@@ -17,7 +17,8 @@ and writes bench/results/alltoallv.json and one PNG per (P, provider).
 
 Sections:
   latency    one alltoallv per iteration, 8 B to 1 MiB per peer; blsfab returning a
-             new array (wait()) and into a given one (wait(out=)), beside the floor:
+             new array (wait()), into a given one (wait(out=)), as views (views(), and
+             views(copy_self=False): the own part lent from sendbuf), beside the floor:
              the same exchange by a C loop with no Python (bench/floor.c), through a
              direct shared mapping (read in place, or copied out) and through
              libfabric writedata; the benchmark builds it with mpicc
@@ -245,6 +246,11 @@ def worker(args) -> None:
                 with comm.ialltoallv(send, counts).views():
                     pass
 
+        def blsfab_views_lent(n, comm=bls):
+            for _ in range(n):
+                with comm.ialltoallv(send, counts).views(copy_self=False):
+                    pass
+
         def rewrite(i):
             # A store into every cache line of the send buffer: the data is new
             # at each call, as in an application, not left cached since the last.
@@ -262,7 +268,7 @@ def worker(args) -> None:
 
         contenders = {"MPI_Alltoallv": mpi_blocking, "MPI_Ialltoallv": mpi_nonblocking,
                       "blsfab": blsfab_one, "blsfab out=": blsfab_out,
-                      "blsfab views": blsfab_views,
+                      "blsfab views": blsfab_views, "blsfab views lent": blsfab_views_lent,
                       "MPI_Alltoallv fresh": mpi_fresh, "blsfab fresh": blsfab_fresh}
         if args.provider == "shm":
             fab = comm_for(0, max(4096, nbytes + 64), local="fabric")
@@ -612,6 +618,8 @@ def targets(jobs):
     rows = [
         ("one host, 4 KiB-1 MiB, zero-copy views <= 0.8", le(0.8),
          *latency_ratio("shm", "blsfab views", 4096, 1 << 20)),
+        ("one host, 4 KiB-1 MiB, views(copy_self=False) <= 0.8", le(0.8),
+         *latency_ratio("shm", "blsfab views lent", 4096, 1 << 20)),
         ("one host, 4 KiB-1 MiB, plain wait() <= 1.0", le(1.0),
          *latency_ratio("shm", "blsfab", 4096, 1 << 20)),
         ("one host, below 4 KiB, plain wait() <= 1.0", le(1.0),

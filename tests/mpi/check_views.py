@@ -41,6 +41,22 @@ with blsfab.Communicator(bound=2, slot_bytes=1 << 18, provider="shm", local=loca
     st = comm.stats()
     expect(st["in_place"] > 0, f"nothing was read in place: {st}")
     del kept, parts  # the slot goes back; the rings flow again
+    # Our own part: copied by default, so changing sendbuf after views() leaves
+    # it alone; lent with copy_self=False, and then it is sendbuf itself.
+    for copy_self in (True, False):
+        send = send_for(50)
+        with comm.ialltoallv(send, [N] * size).views(copy_self=copy_self) as parts:
+            own = parts[rank]
+            expect(np.array_equal(own, want_from(rank, 50)), f"own part, copy_self={copy_self}")
+            expect(np.shares_memory(own, send) == (not copy_self),
+                   f"copy_self={copy_self}: own part shares sendbuf's memory: "
+                   f"{np.shares_memory(own, send)}")
+            expect(not own.flags.writeable, "own view is writable")
+            send[rank * N] = -1.0
+            expect((own[0] == -1.0) == (not copy_self), f"copy_self={copy_self}: own[0] {own[0]}")
+        del send  # a lent view keeps the buffer alive
+        expect(own[1] == want_from(rank, 50)[1], "own part after its sendbuf was dropped")
+        del own, parts
     for it in range(4, 40):
         with comm.ialltoallv(send_for(it), [N] * size).views() as parts:
             expect(np.array_equal(parts[peer], want_from(peer, it)), f"views at iteration {it}")

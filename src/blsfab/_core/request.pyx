@@ -277,12 +277,16 @@ cdef class Request:
                     "the same dtype")
         return 0
 
-    def views(self, timeout=None):
+    def views(self, timeout=None, *, copy_self=True):
         """Progress until complete, then return the data as per-source
         read-only views (blsfab.Views), without assembling it: records read
         in place stay in their ring slots. Use ``with req.views() as parts:``
         or call ``release()``; see Views for what holding them does to flow
-        control. The request is then done: wait() raises."""
+        control. The request is then done: wait() raises.
+
+        ``copy_self=False``: this rank's own part is a view of ``sendbuf``
+        itself, not a copy of it. The send-buffer rule then lasts as long as
+        that view: changing ``sendbuf`` changes the view."""
         cdef IterState* st
         cdef Views views = Views.__new__(Views)
         cdef _ViewHold hold
@@ -313,6 +317,10 @@ cdef class Request:
                     if st.held[s]:
                         hold.held = st.held[s]
                         st.held[s] = 0
+                        data = st.data[s]
+                    elif s == st.borrowed_src and not copy_self:
+                        # Lent, not copied: the view keeps the send buffer alive.
+                        hold.borrowed = self.sendbuf
                         data = st.data[s]
                     elif s == st.borrowed_src:
                         # Our own part, copied once: the send buffer is the caller's.

@@ -3,7 +3,8 @@
 
 cdef class _ViewHold:
     """Keeps one source's bytes alive for as long as any array views them:
-    a ring slot (held, so its sender cannot reuse it) or a malloc'd piece.
+    a ring slot (held, so its sender cannot reuse it), a malloc'd piece, or
+    (``views(copy_self=False)``) the caller's send buffer.
     It is the arrays' base object, so the buffer export count decides: the
     slot is released only once the last array over it is gone."""
 
@@ -11,6 +12,7 @@ cdef class _ViewHold:
     cdef int src
     cdef uint32_t held          # ring position + 1, or 0
     cdef char* piece            # owned piece, or NULL
+    cdef object borrowed        # the caller's send buffer, lent as the self part, or None
 
     def __cinit__(self):
         self.piece = NULL
