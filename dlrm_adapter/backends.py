@@ -297,12 +297,13 @@ class BLS(Backend):
     def finish_parts(self, handle: Tuple[Any, List[int]]) -> List[torch.Tensor]:
         """Per-source views into the rings, no copy: the consumer gathers them
         once, straight into its own layout. A live view keeps its ring slot
-        held, so use them and drop them."""
+        held, so use them and drop them. This rank's own part is lent from the
+        send tensor, which nothing writes once the step has posted it."""
         req, expected = handle
         if self.poll_s > 0:
             _poll_until(req.test, self.poll_s, self.timeout,
                         f"rank {self.comm.rank}: blsfab exchange")
-        with req.views() as parts:
+        with req.views(copy_self=False) as parts:
             got = [int(c) for c in req.recvcounts]
             if expected is not None and got != expected:
                 raise RuntimeError(f"blsfab delivered counts {got} per source, expected "
