@@ -10,6 +10,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from blsfab.libfabric cimport *
 
+cimport cython
+
 cimport numpy as cnp
 
 import os
