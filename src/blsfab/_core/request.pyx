@@ -205,18 +205,20 @@ cdef class Request:
         return [self.counts[s] for s in range(self.engine.size)]
 
     def __dealloc__(self):
-        if self.counts != self.inline_counts:
-            free(self.counts)
         cdef IterState* st = self.state
         cdef int src
         cdef char* piece
+        if self.counts != self.inline_counts:
+            free(self.counts)
         if st != NULL:
             if self.engine is not None:
                 self.engine.lock()
             if st.detached:
                 if self.engine is not None:
                     self.engine.release_state_holds(st)
-                iter_state_free(st)
+                    self.engine.drop_state(st)
+                else:
+                    iter_state_free(st)
             else:
                 if st.tx_pending > 0 and not self.engine.closed:
                     # Our writes still read the send buffer, which dies with us.
@@ -269,15 +271,16 @@ cdef class Request:
                 if st.nbytes[s]:
                     memcpy(dest + offset, st.data[s], st.nbytes[s])
                     offset += st.nbytes[s]
-            # Records read in place are copied: their slots may go.
-            self.engine.lock()
-            self.engine.release_state_holds(st)
-            self.engine.unlock()
         self.note_received(st)
         self.result = result
         self.sendbuf = None
         self.out_ref = None
-        iter_state_free(st)
+        self.engine.lock()
+        # Records read in place are copied now (or were at completion): their
+        # slots may go.
+        self.engine.release_state_holds(st)
+        self.engine.drop_state(st)
+        self.engine.unlock()
         self.state = NULL
         return 0
 

@@ -229,7 +229,7 @@ cdef class RingReceiver(RingState):
         """The receive state of iteration ``it``, created on first touch."""
         cdef IterState* st = self.window[it & self.window_mask]
         if st == NULL:
-            st = iter_state_new(it, self.size)
+            st = self.new_state(it)
             if st == NULL:
                 return self.fail(RC_NOMEM, 0, NULL, src, 0, it)
             self.window[it & self.window_mask] = st
@@ -305,5 +305,5 @@ cdef class RingReceiver(RingState):
         st.detached = True
         if st.orphaned:
             self.release_state_holds(st)
-            iter_state_free(st)
+            self.drop_state(st)
         return RC_OK

@@ -50,6 +50,11 @@ cdef class RingState:
     # assembles them (or lends them as views) and releases the slots. Listed,
     # so a sender blocked on credits can still have them copied out (spill).
     cdef IterState* held_list
+    # Freed receive states kept for the next iterations (new_state): a chain
+    # creates and frees dozens at a time, more than malloc's per-thread cache
+    # keeps, and each then costs a trip through the allocator.
+    cdef IterState* spare_states
+    cdef int nspare
     # Zero-copy send: records of at least zero_copy_bytes (0: off) go out from
     # the caller's buffer; tx_zero_copy[i] is the iteration whose write uses
     # tx_ctx[i], until its local completion.
@@ -104,6 +109,7 @@ cdef class RingState:
 
     def __dealloc__(self):
         cdef int r
+        cdef IterState* st
         if self.peers != NULL:
             for r in range(self.size):
                 free(self.peers[r].rx_landed)
@@ -113,6 +119,10 @@ cdef class RingState:
         free(self.tx_zero_copy)
         free(self.zero_copy_ctx)
         free(self.window)
+        while self.spare_states != NULL:
+            st = self.spare_states
+            self.spare_states = st.next_spare
+            free(st)
         pthread_mutex_destroy(&self.mutex)
 
     # ---- nogil failure record ------------------------------------------------
@@ -127,6 +137,28 @@ cdef class RingState:
 
     cdef int protocol_error(self, int kind, int rank, int64_t value) noexcept nogil:
         return self.fail(RC_PROTOCOL, 0, NULL, rank, kind, value)
+
+    # ---- receive states (callers hold the lock) ----------------------------------
+
+    cdef IterState* new_state(self, int64_t iteration) noexcept nogil:
+        """An empty receive state, a spare one if any; NULL if out of memory."""
+        cdef IterState* st = self.spare_states
+        if st == NULL:
+            return iter_state_new(iteration, self.size)
+        self.spare_states = st.next_spare
+        self.nspare -= 1
+        iter_state_init(st, iteration, self.size)
+        return st
+
+    cdef void drop_state(self, IterState* st) noexcept nogil:
+        """Free a state's pieces and keep the state itself as a spare."""
+        iter_state_free_pieces(st)
+        if self.nspare >= SPARE_STATES:
+            free(st)
+            return
+        st.next_spare = self.spare_states
+        self.spare_states = st
+        self.nspare += 1
 
     cdef inline void lock(self) noexcept nogil:
         if self.threaded:
