@@ -144,7 +144,7 @@ cdef class Request:
         # [0, slot payload / itemsize]. That bound keeps c * itemsize and the
         # running total far from int64 overflow (size <= BLS_MAX_RANKS).
         read_counts(sendcounts, size, self.counts,
-                    <int64_t>((engine.slot_bytes - SLOT_OVERHEAD) // view.itemsize),
+                    <int64_t>((engine.slot_bytes - slot_overhead) // view.itemsize),
                     view.itemsize, engine.slot_bytes)
         for j in range(size):
             self.counts[size + j] = total
