@@ -227,7 +227,7 @@ cdef class Request:
                 src = st.borrowed_src
                 if src >= 0 and st.have[src] and st.nbytes[src]:
                     # The send buffer dies with us; keep what the engine may still read.
-                    piece = <char*>malloc(st.nbytes[src])
+                    piece = self.engine.new_piece(st.nbytes[src])
                     if piece != NULL:
                         memcpy(piece, st.data[src], st.nbytes[src])
                     st.data[src] = piece

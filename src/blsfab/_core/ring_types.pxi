@@ -21,6 +21,13 @@ cdef enum:
 cdef enum:
     SPARE_STATES = 64
 
+# Small received pieces are kept for reuse too, by size class: powers of two
+# from 64 bytes (1 << PIECE_MIN_SHIFT) to 4 KiB, up to SPARE_PIECES of each.
+cdef enum:
+    PIECE_MIN_SHIFT = 6
+    PIECE_CLASSES = 7
+    SPARE_PIECES = 64
+
 # Return codes of the nogil layer; RingState.error_for turns them into exceptions.
 cdef enum:
     RC_OK = 0
@@ -172,6 +179,16 @@ cdef void iter_state_init(IterState* st, int64_t iteration, int nranks) noexcept
     st.held = <uint32_t*>(<char*>st.data + nranks * sizeof(char*))
     st.dtype = <uint16_t*>(<char*>st.held + nranks * sizeof(uint32_t))
     st.have = <uint8_t*>(<char*>st.dtype + nranks * sizeof(uint16_t))
+
+
+cdef inline int piece_class(size_t n) noexcept nogil:
+    """The spare-piece size class of an ``n``-byte piece, or -1 if too large."""
+    cdef int c = 0
+    if n > (<size_t>1 << (PIECE_MIN_SHIFT + PIECE_CLASSES - 1)):
+        return -1
+    while (<size_t>1 << (PIECE_MIN_SHIFT + c)) < n:
+        c += 1
+    return c
 
 
 cdef void iter_state_free_pieces(IterState* st) noexcept nogil:
