@@ -257,18 +257,7 @@ class Communicator(_core.Collective):
         """Iterations issued so far (the next ialltoallv gets this number)."""
         return self.engine.reserved
 
-    # ialltoallv() is compiled: see _core.Collective.
-
-    def chain(self) -> "Chain":
-        """Post the alltoallvs issued inside ``with comm.chain():`` together when
-        the block ends: their messages to each peer travel packed in one write
-        (split over several slots only when they exceed ``slot_bytes``). Each
-        Request still completes and returns its own data. Send buffers must
-        stay unchanged until their requests complete. If the block raises, the calls
-        issued before the exception are still posted, so every Request stays
-        valid. Nested chains join the outer one."""
-        self.engine  # raise now if closed
-        return Chain(self)
+    # ialltoallv() and chain() are compiled: see _core.Collective.
 
     def alltoallv(self, sendbuf, sendcounts: Sequence[int]):
         """Blocking alltoallv: the received data, concatenated in rank order."""
@@ -338,33 +327,6 @@ class Communicator(_core.Collective):
         state = "closed" if closed else f"iteration={self._engine.reserved}"
         return (f"<blsfab.Communicator rank={self.rank}/{self.size} bound={self.bound} "
                 f"provider={getattr(self, 'provider', '?')!r} {state}>")
-
-
-class Chain:
-    """The context manager returned by Communicator.chain()."""
-
-    __slots__ = ("comm", "outer")
-
-    def __init__(self, comm: Communicator):
-        self.comm = comm
-        self.outer = False
-
-    def __enter__(self) -> Communicator:
-        comm = self.comm
-        self.outer = comm._chain is None
-        if self.outer:
-            comm._chain = []
-        return comm
-
-    def __exit__(self, *exc) -> None:
-        if not self.outer:
-            return
-        comm = self.comm
-        try:
-            if comm._engine is not None and not comm._engine.closed:
-                comm._flush_chain()
-        finally:
-            comm._chain = None
 
 
 def _make_bootstrap(mpi_comm, store, rank, size, bootstrap, timeout):

@@ -39,8 +39,46 @@ cdef class Collective:
             self._flush_chain()
         return req
 
+    def chain(self):
+        """Post the alltoallvs issued inside ``with comm.chain():`` together when
+        the block ends: their messages to each peer travel packed in one write
+        (split over several slots only when they exceed ``slot_bytes``). Each
+        Request still completes and returns its own data. Send buffers must
+        stay unchanged until their requests complete. If the block raises, the calls
+        issued before the exception are still posted, so every Request stays
+        valid. Nested chains join the outer one."""
+        cdef Chain chain
+        if self._engine is None or self._engine.closed:
+            raise ClosedError("this communicator is closed; create a new blsfab.Communicator")
+        chain = Chain.__new__(Chain)
+        chain.comm = self
+        return chain
+
     def _flush_chain(self):
         """Post the open chain's iterations together, then wait for the bound."""
         pending, self._chain = self._chain, []
         if pending:
             self._engine.post(pending, self.timeout, self.bound)
+
+
+@cython.final
+cdef class Chain:
+    """The context manager returned by Communicator.chain()."""
+
+    cdef Collective comm
+    cdef bint outer             # this block opened the chain (not nested)
+
+    def __enter__(self):
+        self.outer = self.comm._chain is None
+        if self.outer:
+            self.comm._chain = []
+        return self.comm
+
+    def __exit__(self, *exc):
+        if not self.outer:
+            return
+        try:
+            if self.comm._engine is not None and not self.comm._engine.closed:
+                self.comm._flush_chain()
+        finally:
+            self.comm._chain = None
