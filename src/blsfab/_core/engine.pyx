@@ -459,6 +459,7 @@ cdef class RingEngine(RingSender):
         cdef int k
         cdef SendItem* items
         cdef Request req
+        cdef int64_t send_bytes = 0
         cdef double deadline = monotonic() + timeout
         self.check_usable()
         if m == 0:
@@ -473,7 +474,9 @@ cdef class RingEngine(RingSender):
                     raise RuntimeError(f"request for iteration {req.iteration} posted out of "
                                        f"order; next iteration to post is {self.posted + k}")
                 items[k] = req.item
-            self.post_requests(requests, items, m, deadline, False)
+                send_bytes += req.send_bytes
+            self.post_requests(requests, items, m, deadline,
+                               send_bytes < NOGIL_BYTES and not self.threaded)
         finally:
             free(items)
             for k in range(m):
