@@ -62,7 +62,7 @@ def providers() -> List[str]:
     return list(_usable)
 
 
-class Communicator:
+class Communicator(_core.Collective):
     """A bounded-lag alltoallv over libfabric RMA among the ranks of ``mpi_comm``.
 
     ``bound`` is how many iterations a rank may post beyond the slowest peer's
@@ -98,9 +98,7 @@ class Communicator:
                  chain_threshold: Optional[int] = None, progress: Optional[str] = None,
                  ring_slots: Optional[int] = None, store=None, rank: Optional[int] = None,
                  size: Optional[int] = None, bootstrap=None, local: Optional[str] = None):
-        self._engine = None
         self._rings: Optional[NodeLocalRings] = None
-        self._chain: Optional[List[Request]] = None
         timeout_ok = (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
                       and timeout > 0 and math.isfinite(timeout))
         # A bad timeout is reported through the first step like any bad
@@ -112,7 +110,6 @@ class Communicator:
         # rxm sizes its queues for this many peers (and warns above 256); it is
         # read when libfabric starts, so set it before the first provider query.
         os.environ.setdefault("FI_UNIVERSE_SIZE", str(self.size))
-        self.bound = bound
         self.chain_threshold = chain_threshold
         if progress is None:
             progress = os.environ.get("BLSFAB_PROGRESS", "poll")
@@ -144,6 +141,7 @@ class Communicator:
                   enumerate(run_step(self._boot, "blsfab.Communicator construction (arguments)",
                                      hello, self.timeout))]
         geometry = hellos[self.rank]["geometry"]
+        self.bound = geometry["bound"]
         mismatch = geometry_mismatch([h["geometry"] for h in hellos])
         if mismatch:
             raise ValueError(mismatch)
@@ -227,7 +225,7 @@ class Communicator:
             _core.tune_malloc(max(256 << 20, 4 * self.size * self.slot_bytes))
         if progress == "thread":
             engine.start_progress_thread()
-        self._engine = engine
+        self._use_engine(engine, MAX_CHAIN)
         self.provider = name
 
     def _agree_on_provider(self, hellos: List[dict]) -> str:
@@ -259,34 +257,7 @@ class Communicator:
         """Iterations issued so far (the next ialltoallv gets this number)."""
         return self.engine.reserved
 
-    def ialltoallv(self, sendbuf, sendcounts: Sequence[int]) -> Request:
-        """Post one iteration: ``sendcounts[j]`` elements of ``sendbuf`` go to rank j,
-        in rank order. Returns once every peer has posted iteration - bound.
-        Send-buffer rule, as in MPI: ``sendbuf`` must stay unchanged until the
-        request completes (``wait()`` returned or ``test()`` gave True)."""
-        if self._chain is None:
-            return self._engine.ialltoallv(sendbuf, sendcounts, self.bound, self.timeout)
-        req = self._engine.prepare(sendbuf, sendcounts)
-        self._chain.append(req)
-        if len(self._chain) == MAX_CHAIN:
-            self._flush_chain()
-        return req
-
-    def _flush_chain(self) -> None:
-        pending, self._chain = self._chain, []
-        if pending:
-            self._engine.post(pending, self.timeout, self.bound)
-
-    def chain(self) -> "Chain":
-        """Post the alltoallvs issued inside ``with comm.chain():`` together when
-        the block ends: their messages to each peer travel packed in one write
-        (split over several slots only when they exceed ``slot_bytes``). Each
-        Request still completes and returns its own data. Send buffers must
-        stay unchanged until their requests complete. If the block raises, the calls
-        issued before the exception are still posted, so every Request stays
-        valid. Nested chains join the outer one."""
-        self.engine  # raise now if closed
-        return Chain(self)
+    # ialltoallv() and chain() are compiled: see _core.Collective.
 
     def alltoallv(self, sendbuf, sendcounts: Sequence[int]):
         """Blocking alltoallv: the received data, concatenated in rank order."""
@@ -365,33 +336,6 @@ class Communicator:
         state = "closed" if closed else f"iteration={self._engine.reserved}"
         return (f"<blsfab.Communicator rank={self.rank}/{self.size} bound={self.bound} "
                 f"provider={getattr(self, 'provider', '?')!r} {state}>")
-
-
-class Chain:
-    """The context manager returned by Communicator.chain()."""
-
-    __slots__ = ("comm", "outer")
-
-    def __init__(self, comm: Communicator):
-        self.comm = comm
-        self.outer = False
-
-    def __enter__(self) -> Communicator:
-        comm = self.comm
-        self.outer = comm._chain is None
-        if self.outer:
-            comm._chain = []
-        return comm
-
-    def __exit__(self, *exc) -> None:
-        if not self.outer:
-            return
-        comm = self.comm
-        try:
-            if comm._engine is not None and not comm._engine.closed:
-                comm._flush_chain()
-        finally:
-            comm._chain = None
 
 
 def _make_bootstrap(mpi_comm, store, rank, size, bootstrap, timeout):

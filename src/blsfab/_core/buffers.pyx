@@ -108,14 +108,28 @@ cdef int describe_output(object out, bint is_torch, object dtype, BufferView* vi
 
 cdef dict _dtype_codes = {}
 _DTYPE_KINDS = {"f": "float", "i": "int", "u": "uint", "c": "complex"}
+# The last dtype looked up: a run sends one dtype call after call, and an
+# identity test is far cheaper than hashing a numpy dtype.
+cdef object _last_dtype = None
+cdef uint16_t _last_code = 0
 
 
 cdef uint16_t dtype_code(object dtype, bint is_torch) except? 0xffff:
     """The wire's name for an element type (wire.h): (kind << 8) | itemsize.
     A numpy dtype and a torch dtype of the same type share a code."""
-    cdef object code = _dtype_codes.get(dtype)
-    if code is not None:
-        return code
+    global _last_dtype, _last_code
+    cdef object code
+    if dtype is _last_dtype:
+        return _last_code
+    code = _dtype_codes.get(dtype)
+    if code is None:
+        code = _new_dtype_code(dtype, is_torch)
+        _dtype_codes[dtype] = code
+    _last_dtype, _last_code = dtype, code
+    return code
+
+
+cdef uint16_t _new_dtype_code(object dtype, bint is_torch) except? 0xffff:
     size = dtype.itemsize
     if is_torch:
         if dtype.is_complex:
@@ -128,9 +142,7 @@ cdef uint16_t dtype_code(object dtype, bint is_torch) except? 0xffff:
             kind = "u" if str(dtype).startswith("torch.uint") else "i"
     else:
         kind = dtype.kind if dtype.kind in "fiucb" else "V"
-    code = (ord(kind) << 8) | (size if size < 256 else 0)
-    _dtype_codes[dtype] = code
-    return code
+    return (ord(kind) << 8) | (size if size < 256 else 0)
 
 
 def dtype_name(uint16_t code):

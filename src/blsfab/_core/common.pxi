@@ -10,6 +10,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from blsfab.libfabric cimport *
 
+cimport cython
+
 cimport numpy as cnp
 
 import os
@@ -72,7 +74,8 @@ cdef extern from "blsfab/wire.h" nogil:
     size_t bls_single_record_bytes(size_t n)
 
 # Overhead of one record in its own slot; the largest message is slot_bytes minus this.
-SLOT_OVERHEAD = sizeof(bls_slot_header_t) + sizeof(bls_record_header_t)
+cdef size_t slot_overhead = sizeof(bls_slot_header_t) + sizeof(bls_record_header_t)
+SLOT_OVERHEAD = slot_overhead
 
 
 cdef inline double monotonic() noexcept nogil:

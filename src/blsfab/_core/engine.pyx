@@ -410,13 +410,17 @@ cdef class RingEngine(RingSender):
 
     # ---- posting ------------------------------------------------------------------
 
-    cdef int post_failed(self, int rc, list requests, uint64_t puts_before) except -1:
+    cdef int post_failed(self, int rc, object requests, uint64_t puts_before) except -1:
         """The failure model of a post. If nothing left (no write went out and
         no poll failed), give the iterations back: the communicator stays
         usable and the next call reuses their numbers. Otherwise peers may
-        hold part of an iteration, so the engine is broken."""
+        hold part of an iteration, so the engine is broken. ``requests`` is
+        the list posted, or the one Request of an unchained call."""
         cdef Request req
-        cdef int64_t first = (<Request>requests[0]).iteration
+        cdef int64_t first
+        if isinstance(requests, Request):
+            requests = [requests]
+        first = (<Request>requests[0]).iteration
         if (not self.fatal and self.counters.puts == puts_before
                 and self.reserved == self.posted + len(requests)):
             for req in requests:
@@ -426,7 +430,7 @@ cdef class RingEngine(RingSender):
             self.fatal = True
         return self.check_rc(rc, first, "posting")
 
-    cdef int post_requests(self, list requests, SendItem* items, int m, double deadline,
+    cdef int post_requests(self, object requests, SendItem* items, int m, double deadline,
                            bint keep_gil) except -1:
         cdef uint64_t puts_before = self.counters.puts
         cdef int rc
@@ -455,6 +459,7 @@ cdef class RingEngine(RingSender):
         cdef int k
         cdef SendItem* items
         cdef Request req
+        cdef int64_t send_bytes = 0
         cdef double deadline = monotonic() + timeout
         self.check_usable()
         if m == 0:
@@ -469,7 +474,9 @@ cdef class RingEngine(RingSender):
                     raise RuntimeError(f"request for iteration {req.iteration} posted out of "
                                        f"order; next iteration to post is {self.posted + k}")
                 items[k] = req.item
-            self.post_requests(requests, items, m, deadline, False)
+                send_bytes += req.send_bytes
+            self.post_requests(requests, items, m, deadline,
+                               send_bytes < NOGIL_BYTES and not self.threaded)
         finally:
             free(items)
             for k in range(m):
@@ -480,6 +487,9 @@ cdef class RingEngine(RingSender):
     def ialltoallv(self, object sendbuf, object sendcounts, int64_t bound, double timeout):
         """The unchained fast path in one call: validate, post, then wait until
         every peer has posted this iteration minus ``bound``."""
+        return self.issue(sendbuf, sendcounts, bound, timeout)
+
+    cdef Request issue(self, object sendbuf, object sendcounts, int64_t bound, double timeout):
         cdef Request req
         cdef double deadline
         self.check_usable()
@@ -490,7 +500,7 @@ cdef class RingEngine(RingSender):
         req = Request._create(self, sendbuf, sendcounts)
         deadline = monotonic() + timeout
         try:
-            self.post_requests([req], &req.item, 1, deadline,
+            self.post_requests(req, &req.item, 1, deadline,
                                req.send_bytes < NOGIL_BYTES and not self.threaded)
         finally:
             req.release_send()
@@ -528,6 +538,9 @@ cdef class RingEngine(RingSender):
     def prepare(self, object sendbuf, object sendcounts):
         """Validate one iteration's arguments and reserve its iteration number.
         Nothing is sent: pass the Request to post()."""
+        return self.prepare_request(sendbuf, sendcounts)
+
+    cdef Request prepare_request(self, object sendbuf, object sendcounts):
         self.check_usable()
         return Request._create(self, sendbuf, sendcounts)
 

@@ -71,6 +71,12 @@ cdef int read_counts(object sendcounts, int size, int64_t* out, int64_t max_coun
     return 0
 
 
+# Communicators of up to this many ranks keep a request's counts inside it.
+cdef enum:
+    INLINE_RANKS = 8
+
+
+@cython.freelist(128)  # a chain holds up to 64 requests; reuse them, not malloc
 cdef class Request:
     """The handle of one nonblocking alltoallv iteration.
 
@@ -97,16 +103,19 @@ cdef class Request:
     cdef object result
     cdef object out_ref         # the buffer of wait(out=) while the engine may write it
     cdef bint views_taken       # the data went out as views()
-    cdef list _recvcounts
+    cdef bint received          # counts[:size] are the element counts received
     # send side, held from prepare() until the iteration is posted
     cdef SendItem item
     cdef object sendbuf
-    cdef int64_t* counts_displs
     cdef int64_t send_bytes
+    # Send counts, then displacements (2 * size), until posted; once complete,
+    # counts[:size] holds the elements received from each rank instead.
+    cdef int64_t* counts
+    cdef int64_t inline_counts[2 * INLINE_RANKS]
 
     def __cinit__(self):
         self.state = NULL
-        self.counts_displs = NULL
+        self.counts = NULL
 
     @staticmethod
     cdef Request _create(RingEngine engine, object sendbuf, object sendcounts):
@@ -125,18 +134,21 @@ cdef class Request:
                             f"got {type(sendcounts).__name__}") from None
         if nsend != size:
             raise ValueError(f"sendcounts has {nsend} entries; it needs one per rank ({size})")
-        self.counts_displs = <int64_t*>malloc(2 * size * sizeof(int64_t))
-        if self.counts_displs == NULL:
-            raise MemoryError()
+        if size <= INLINE_RANKS:
+            self.counts = self.inline_counts
+        else:
+            self.counts = <int64_t*>malloc(2 * size * sizeof(int64_t))
+            if self.counts == NULL:
+                raise MemoryError()
         # Every count is checked before anything is sent: integral, in
         # [0, slot payload / itemsize]. That bound keeps c * itemsize and the
         # running total far from int64 overflow (size <= BLS_MAX_RANKS).
-        read_counts(sendcounts, size, self.counts_displs,
-                    <int64_t>((engine.slot_bytes - SLOT_OVERHEAD) // view.itemsize),
+        read_counts(sendcounts, size, self.counts,
+                    <int64_t>((engine.slot_bytes - slot_overhead) // view.itemsize),
                     view.itemsize, engine.slot_bytes)
         for j in range(size):
-            self.counts_displs[size + j] = total
-            total += self.counts_displs[j]
+            self.counts[size + j] = total
+            total += self.counts[j]
         if total > view.nelems:
             raise ValueError(f"sendcounts sum to {total} elements but sendbuf holds only "
                              f"{view.nelems}")
@@ -165,8 +177,8 @@ cdef class Request:
         self.item.data = view.data
         self.item.itemsize = view.itemsize
         self.item.dtype = self.dtype_code
-        self.item.counts = self.counts_displs
-        self.item.displs = self.counts_displs + size
+        self.item.counts = self.counts
+        self.item.displs = self.counts + size
         self.item.state = self.state
         return self
 
@@ -177,25 +189,36 @@ cdef class Request:
         self.abandoned = True
 
     cdef void release_send(self):
-        """Drop the counts once posted. The send buffer stays referenced until
-        the result is assembled: this rank's own part is read from it then."""
-        free(self.counts_displs)
-        self.counts_displs = NULL
+        """Forget the send counts once posted. The send buffer stays referenced
+        until the result is assembled: this rank's own part is read from it then."""
         self.item.counts = NULL
         self.item.displs = NULL
 
+    cdef void note_received(self, IterState* st):
+        """Keep the element counts received (recvcounts) in ``counts``."""
+        cdef int s
+        for s in range(st.nranks):
+            self.counts[s] = <int64_t>(st.nbytes[s] // self.itemsize)
+        self.received = True
+
+    cdef list received_list(self):
+        return [self.counts[s] for s in range(self.engine.size)]
+
     def __dealloc__(self):
-        free(self.counts_displs)
         cdef IterState* st = self.state
         cdef int src
         cdef char* piece
+        if self.counts != self.inline_counts:
+            free(self.counts)
         if st != NULL:
             if self.engine is not None:
                 self.engine.lock()
             if st.detached:
                 if self.engine is not None:
                     self.engine.release_state_holds(st)
-                iter_state_free(st)
+                    self.engine.drop_state(st)
+                else:
+                    iter_state_free(st)
             else:
                 if st.tx_pending > 0 and not self.engine.closed:
                     # Our writes still read the send buffer, which dies with us.
@@ -204,7 +227,7 @@ cdef class Request:
                 src = st.borrowed_src
                 if src >= 0 and st.have[src] and st.nbytes[src]:
                     # The send buffer dies with us; keep what the engine may still read.
-                    piece = <char*>malloc(st.nbytes[src])
+                    piece = self.engine.new_piece(st.nbytes[src])
                     if piece != NULL:
                         memcpy(piece, st.data[src], st.nbytes[src])
                     st.data[src] = piece
@@ -248,15 +271,16 @@ cdef class Request:
                 if st.nbytes[s]:
                     memcpy(dest + offset, st.data[s], st.nbytes[s])
                     offset += st.nbytes[s]
-            # Records read in place are copied: their slots may go.
-            self.engine.lock()
-            self.engine.release_state_holds(st)
-            self.engine.unlock()
-        self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
+        self.note_received(st)
         self.result = result
         self.sendbuf = None
         self.out_ref = None
-        iter_state_free(st)
+        self.engine.lock()
+        # Records read in place are copied now (or were at completion): their
+        # slots may go.
+        self.engine.release_state_holds(st)
+        self.engine.drop_state(st)
+        self.engine.unlock()
         self.state = NULL
         return 0
 
@@ -335,7 +359,7 @@ cdef class Request:
                     st.data[s] = NULL
                     parts.append(view_array(self.is_torch, self.dtype, self.typenum, data, n,
                                             self.itemsize, hold))
-                self._recvcounts = [st.nbytes[s] // self.itemsize for s in range(st.nranks)]
+                self.note_received(st)
                 st.borrowed_src = -1
                 iter_state_free(st)
                 self.state = NULL
@@ -346,7 +370,7 @@ cdef class Request:
         # The data is one assembled buffer: views are slices of it.
         self.views_taken = True
         parts, offset = [], 0
-        for c in self._recvcounts:
+        for c in self.received_list():
             part = self.result[offset:offset + c]
             if not self.is_torch:
                 part.flags.writeable = False
@@ -439,7 +463,8 @@ cdef class Request:
 
     cdef int _raise_out_size(self, BufferView view) except -1:
         raise ValueError(f"out holds {view.nelems} elements but iteration {self.iteration} "
-                         f"received {sum(self._recvcounts)} (recvcounts {self._recvcounts}); "
+                         f"received {sum(self.received_list())} (recvcounts "
+                         f"{self.received_list()}); "
                          "the request is complete: wait() returns the data")
 
     cdef int _wait_detached(self, timeout) except -1:
@@ -473,10 +498,10 @@ cdef class Request:
     @property
     def recvcounts(self):
         """Elements received from each rank; valid once the request is complete."""
-        if self._recvcounts is None:
+        if not self.received:
             raise RuntimeError(f"iteration {self.iteration} is not complete yet; "
                                "call test() or wait() first")
-        return list(self._recvcounts)
+        return self.received_list()
 
     @property
     def done(self):

@@ -191,7 +191,7 @@ cdef class RingReceiver(RingState):
 
     cdef int copy_out(self, IterState* st, int src) noexcept nogil:
         """Move ``src``'s record of ``st`` out of its ring slot into a piece."""
-        cdef char* piece = <char*>malloc(st.nbytes[src] if st.nbytes[src] else 1)
+        cdef char* piece = self.new_piece(st.nbytes[src])
         if piece == NULL:
             return self.fail(RC_NOMEM, 0, NULL, src, 0, st.iteration)
         memcpy(piece, st.data[src], st.nbytes[src])
@@ -229,7 +229,7 @@ cdef class RingReceiver(RingState):
         """The receive state of iteration ``it``, created on first touch."""
         cdef IterState* st = self.window[it & self.window_mask]
         if st == NULL:
-            st = iter_state_new(it, self.size)
+            st = self.new_state(it)
             if st == NULL:
                 return self.fail(RC_NOMEM, 0, NULL, src, 0, it)
             self.window[it & self.window_mask] = st
@@ -246,7 +246,7 @@ cdef class RingReceiver(RingState):
         if st.held[src] or src == st.borrowed_src:
             st.data[src] = <char*>payload
         elif n:
-            st.data[src] = <char*>malloc(n)
+            st.data[src] = self.new_piece(n)
             if st.data[src] == NULL:
                 return self.fail(RC_NOMEM, 0, NULL, src, 0, st.iteration)
             memcpy(st.data[src], payload, n)
@@ -296,8 +296,8 @@ cdef class RingReceiver(RingState):
                     self.peers[s].rx_holds[st.held[s] - 1] -= 1
                     st.held[s] = 0
                     self.release_slots(s)
-                elif s != st.borrowed_src:
-                    free(st.data[s])
+                elif s != st.borrowed_src and st.data[s] != NULL:
+                    self.free_piece(st.data[s], st.nbytes[s])
                 st.data[s] = NULL
             st.borrowed_src = -1
         st.out = NULL
@@ -305,5 +305,5 @@ cdef class RingReceiver(RingState):
         st.detached = True
         if st.orphaned:
             self.release_state_holds(st)
-            iter_state_free(st)
+            self.drop_state(st)
         return RC_OK

@@ -50,6 +50,14 @@ cdef class RingState:
     # assembles them (or lends them as views) and releases the slots. Listed,
     # so a sender blocked on credits can still have them copied out (spill).
     cdef IterState* held_list
+    # Freed receive states kept for the next iterations (new_state): a chain
+    # creates and frees dozens at a time, more than malloc's per-thread cache
+    # keeps, and each then costs a trip through the allocator.
+    cdef IterState* spare_states
+    cdef int nspare
+    # The same for the pieces small records are copied into (new_piece).
+    cdef char* spare_pieces[PIECE_CLASSES * SPARE_PIECES]
+    cdef int nspare_pieces[PIECE_CLASSES]
     # Zero-copy send: records of at least zero_copy_bytes (0: off) go out from
     # the caller's buffer; tx_zero_copy[i] is the iteration whose write uses
     # tx_ctx[i], until its local completion.
@@ -103,7 +111,8 @@ cdef class RingState:
         pthread_mutex_init(&self.mutex, NULL)
 
     def __dealloc__(self):
-        cdef int r
+        cdef int r, c
+        cdef IterState* st
         if self.peers != NULL:
             for r in range(self.size):
                 free(self.peers[r].rx_landed)
@@ -113,6 +122,13 @@ cdef class RingState:
         free(self.tx_zero_copy)
         free(self.zero_copy_ctx)
         free(self.window)
+        while self.spare_states != NULL:
+            st = self.spare_states
+            self.spare_states = st.next_spare
+            free(st)
+        for c in range(PIECE_CLASSES):
+            for r in range(self.nspare_pieces[c]):
+                free(self.spare_pieces[c * SPARE_PIECES + r])
         pthread_mutex_destroy(&self.mutex)
 
     # ---- nogil failure record ------------------------------------------------
@@ -127,6 +143,54 @@ cdef class RingState:
 
     cdef int protocol_error(self, int kind, int rank, int64_t value) noexcept nogil:
         return self.fail(RC_PROTOCOL, 0, NULL, rank, kind, value)
+
+    # ---- receive states (callers hold the lock) ----------------------------------
+
+    cdef IterState* new_state(self, int64_t iteration) noexcept nogil:
+        """An empty receive state, a spare one if any; NULL if out of memory."""
+        cdef IterState* st = self.spare_states
+        if st == NULL:
+            return iter_state_new(iteration, self.size)
+        self.spare_states = st.next_spare
+        self.nspare -= 1
+        iter_state_init(st, iteration, self.size)
+        return st
+
+    cdef void drop_state(self, IterState* st) noexcept nogil:
+        """Free a state's pieces and keep the state itself as a spare."""
+        cdef int s
+        for s in range(st.nranks):
+            if not st.held[s] and s != st.borrowed_src and st.data[s] != NULL:
+                self.free_piece(st.data[s], st.nbytes[s])
+                st.data[s] = NULL
+        iter_state_free_pieces(st)  # what is left: the assembled result
+        if self.nspare >= SPARE_STATES:
+            free(st)
+            return
+        st.next_spare = self.spare_states
+        self.spare_states = st
+        self.nspare += 1
+
+    cdef char* new_piece(self, size_t n) noexcept nogil:
+        """Room for a received record of ``n`` bytes; NULL if out of memory.
+        Every piece of a receive state comes from here, so that free_piece()
+        may keep it for reuse; plain free() is always right too."""
+        cdef int c = piece_class(n)
+        if c < 0:
+            return <char*>malloc(n)
+        if self.nspare_pieces[c]:
+            self.nspare_pieces[c] -= 1
+            return self.spare_pieces[c * SPARE_PIECES + self.nspare_pieces[c]]
+        return <char*>malloc(<size_t>1 << (PIECE_MIN_SHIFT + c))
+
+    cdef void free_piece(self, char* piece, size_t n) noexcept nogil:
+        """Give back a piece of new_piece(n)."""
+        cdef int c = piece_class(n)
+        if c < 0 or self.nspare_pieces[c] == SPARE_PIECES:
+            free(piece)
+            return
+        self.spare_pieces[c * SPARE_PIECES + self.nspare_pieces[c]] = piece
+        self.nspare_pieces[c] += 1
 
     cdef inline void lock(self) noexcept nogil:
         if self.threaded:

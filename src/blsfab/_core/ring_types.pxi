@@ -17,6 +17,17 @@ cdef enum:
 cdef enum:
     IN_PLACE_BYTES = 16384
 
+# Receive states kept for reuse: a chain's worth (Communicator's MAX_CHAIN).
+cdef enum:
+    SPARE_STATES = 64
+
+# Small received pieces are kept for reuse too, by size class: powers of two
+# from 64 bytes (1 << PIECE_MIN_SHIFT) to 4 KiB, up to SPARE_PIECES of each.
+cdef enum:
+    PIECE_MIN_SHIFT = 6
+    PIECE_CLASSES = 7
+    SPARE_PIECES = 64
+
 # Return codes of the nogil layer; RingState.error_for turns them into exceptions.
 cdef enum:
     RC_OK = 0
@@ -115,6 +126,7 @@ cdef struct IterState:
     size_t out_bytes
     bint filled_out         # assembled into ``out`` at completion
     IterState* next_held    # completed, still reading ring slots: the engine's list
+    IterState* next_spare   # freed, kept for reuse: the engine's spare list
     int tx_pending          # zero-copy writes still reading the send buffer
 
 cdef struct SendItem:
@@ -143,12 +155,22 @@ cdef struct Counters:
     uint64_t lead_samples
 
 
+cdef inline size_t iter_state_bytes(int nranks) noexcept nogil:
+    return sizeof(IterState) + nranks * (sizeof(size_t) + sizeof(char*) + sizeof(uint32_t)
+                                         + sizeof(uint16_t) + sizeof(uint8_t))
+
+
 cdef IterState* iter_state_new(int64_t iteration, int nranks) noexcept nogil:
-    cdef size_t arrays = nranks * (sizeof(size_t) + sizeof(char*) + sizeof(uint32_t)
-                                   + sizeof(uint16_t) + sizeof(uint8_t))
-    cdef IterState* st = <IterState*>calloc(1, sizeof(IterState) + arrays)
+    cdef IterState* st = <IterState*>malloc(iter_state_bytes(nranks))
     if st == NULL:
         return NULL
+    iter_state_init(st, iteration, nranks)
+    return st
+
+
+cdef void iter_state_init(IterState* st, int64_t iteration, int nranks) noexcept nogil:
+    """An empty receive state for ``iteration``, its arrays after the struct."""
+    memset(st, 0, iter_state_bytes(nranks))
     st.iteration = iteration
     st.nranks = nranks
     st.borrowed_src = -1
@@ -157,14 +179,29 @@ cdef IterState* iter_state_new(int64_t iteration, int nranks) noexcept nogil:
     st.held = <uint32_t*>(<char*>st.data + nranks * sizeof(char*))
     st.dtype = <uint16_t*>(<char*>st.held + nranks * sizeof(uint32_t))
     st.have = <uint8_t*>(<char*>st.dtype + nranks * sizeof(uint16_t))
-    return st
 
 
-cdef void iter_state_free(IterState* st) noexcept nogil:
-    """Free the state and its pieces (never data held in a ring)."""
+cdef inline int piece_class(size_t n) noexcept nogil:
+    """The spare-piece size class of an ``n``-byte piece, or -1 if too large."""
+    cdef int c = 0
+    if n > (<size_t>1 << (PIECE_MIN_SHIFT + PIECE_CLASSES - 1)):
+        return -1
+    while (<size_t>1 << (PIECE_MIN_SHIFT + c)) < n:
+        c += 1
+    return c
+
+
+cdef void iter_state_free_pieces(IterState* st) noexcept nogil:
+    """Free what the state owns: its pieces (never data held in a ring or
+    borrowed from the send buffer) and any assembled result."""
     cdef int i
     for i in range(st.nranks):
         if not st.held[i] and i != st.borrowed_src:
             free(st.data[i])
     free(st.result)
+
+
+cdef void iter_state_free(IterState* st) noexcept nogil:
+    """Free the state and its pieces."""
+    iter_state_free_pieces(st)
     free(st)
