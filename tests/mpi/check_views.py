@@ -43,8 +43,12 @@ with blsfab.Communicator(bound=2, slot_bytes=1 << 18, provider="shm", local=loca
     del kept, parts  # the slot goes back; the rings flow again
     # Our own part: copied by default, so changing sendbuf after views() leaves
     # it alone; lent with copy_self=False, and then it is sendbuf itself.
+    # (The barrier keeps this rank from polling a peer's slot before it posts the
+    # iteration: a message that arrives early is copied, and the iteration is then
+    # assembled, own part included, before views() is called.)
     for copy_self in (True, False):
         send = send_for(50)
+        world.Barrier()
         with comm.ialltoallv(send, [N] * size).views(copy_self=copy_self) as parts:
             own = parts[rank]
             expect(np.array_equal(own, want_from(rank, 50)), f"own part, copy_self={copy_self}")

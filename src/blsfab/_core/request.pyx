@@ -309,8 +309,11 @@ cdef class Request:
         control. The request is then done: wait() raises.
 
         ``copy_self=False``: this rank's own part is a view of ``sendbuf``
-        itself, not a copy of it. The send-buffer rule then lasts as long as
-        that view: changing ``sendbuf`` changes the view."""
+        itself, not a copy of it, and the send-buffer rule then lasts as long
+        as that view: changing ``sendbuf`` changes the view. (An iteration
+        already assembled, because a peer's message arrived and was taken in
+        before this rank posted, is returned as slices of that one buffer,
+        own part copied, as without the flag.)"""
         cdef IterState* st
         cdef Views views = Views.__new__(Views)
         cdef _ViewHold hold
