@@ -201,6 +201,7 @@ def test_bad_serving_options_give_one_clear_line(tmp_path: Path) -> None:
     _one_error_line(["--scenario", "server", "--target-qps", "-5"], "'-5'")
     _one_error_line(["--scenario", "offline", "--batch-size", "0"], "--batch-size must be >= 1")
     _one_error_line(["--target-qps", "100"], "--target-qps applies to --scenario")
+    _one_error_line(["--no-follow-peers"], "--follow-peers applies to --scenario")
     _one_error_line(["--patience-ms", "soon"], "--patience-ms must be auto, 0 (off) or a "
                                                "number of milliseconds >= 0; got 'soon'")
     _one_error_line(["--patience-ms", "-1"], "got '-1'")
