@@ -20,7 +20,8 @@ Sections:
              new array (wait()), into a given one (wait(out=)), as views (views(), and
              views(copy_self=False): the own part lent from sendbuf), beside the floor:
              the same exchange by a C loop with no Python (bench/floor.c), through a
-             direct shared mapping (read in place, or copied out) and through
+             direct shared mapping (read in place, or copied out), by a single-copy
+             pull from the sender's buffer (CMA, as vader does), and through
              libfabric writedata; the benchmark builds it with mpicc
   batch      m = 1, 8, 26 small alltoallvs per step, chained and unchained
   pipeline   n alltoallvs with at most k outstanding (k = bound), calls per second
@@ -107,6 +108,10 @@ class Floor:
         for name, res, args in [("floor_direct_open", vp, [i, sz]),
                                 ("floor_direct_run", ctypes.c_double, [vp, i, i]),
                                 ("floor_direct_close", None, [vp]),
+                                ("floor_pull_open", vp, [i, sz]),
+                                ("floor_pull_run", ctypes.c_double, [vp, i]),
+                                ("floor_pull_error", ctypes.c_char_p, [vp]),
+                                ("floor_pull_close", None, [vp]),
                                 ("floor_fabric_open", vp, [i, sz, ctypes.c_char_p]),
                                 ("floor_fabric_run", ctypes.c_double, [vp, i]),
                                 ("floor_fabric_error", ctypes.c_char_p, [vp]),
@@ -121,6 +126,15 @@ class Floor:
         h = self.lib.floor_direct_open(self.fcomm, nbytes)
         self.handles.append((self.lib.floor_direct_close, h))
         return lambda n: self.lib.floor_direct_run(h, n, int(copy_out))
+
+    def pull(self, nbytes):
+        h = self.lib.floor_pull_open(self.fcomm, nbytes)
+        self.handles.append((self.lib.floor_pull_close, h))
+
+        def run(n):
+            if self.lib.floor_pull_run(h, n) < 0:
+                raise RuntimeError(f"floor pull: {self.lib.floor_pull_error(h).decode()}")
+        return run
 
     def fabric(self, nbytes, provider):
         h = self.lib.floor_fabric_open(self.fcomm, nbytes, provider.encode())
@@ -294,6 +308,7 @@ def worker(args) -> None:
             if args.provider == "shm":
                 contenders["floor direct in place"] = floor.direct(nbytes, False)
                 contenders["floor direct copy-out"] = floor.direct(nbytes, True)
+                contenders["floor CMA pull"] = floor.pull(nbytes)
             contenders["floor fabric"] = floor.fabric(nbytes, FABRIC_NAMES[args.provider])
         handoff = [floor.handoff_ns(world)] if floor is not None else []
         med, samples = measure(contenders, iterations_for(nbytes))
@@ -650,7 +665,8 @@ def targets(jobs):
         if value is not None:
             rows.append((f"(fresh data) blsfab/MPI, send buffer rewritten each call, {prov}",
                          None, value, where))
-        for name in ("floor direct in place", "floor direct copy-out", "floor fabric"):
+        for name in ("floor direct in place", "floor direct copy-out", "floor CMA pull",
+                     "floor fabric"):
             value, where = latency_ratio(prov, name, 0, 1 << 30)
             if value is not None:
                 rows.append((f"(limit) {name} on {prov}, worst over sizes", None,

@@ -13,6 +13,13 @@
  *            in place; completion once every peer's remote CQ entry and our
  *            own writes' completions are in.
  *
+ *   pull     the single-copy design MPI's vader uses: every rank publishes
+ *            its send buffer's address once, and each iteration a receiver
+ *            reads its part straight from the sender's buffer with one
+ *            process_vm_readv (CMA) into its receive buffer, then tells the
+ *            sender; a sender's iteration ends once every peer has read it.
+ *            It tells whether a pull path could beat the push design here.
+ *
  *   handoff  the one-way latency of handing a cache line from one core to
  *            another: rank 0 and rank 1 of the node take turns writing one
  *            shared word. On a VM it says where the host has put the two
@@ -23,6 +30,7 @@
  * iteration, so no sender is ever more than one iteration ahead.
  * Each *_run returns the seconds per iteration measured on this rank.
  */
+#define _GNU_SOURCE /* process_vm_readv */
 #include <mpi.h>
 #include <rdma/fabric.h>
 #include <rdma/fi_cm.h>
@@ -30,11 +38,14 @@
 #include <rdma/fi_endpoint.h>
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
+#include <errno.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #define HEADER 64 /* sequence word, padded to a cache line */
 
@@ -113,6 +124,110 @@ void floor_direct_close(void *h)
     MPI_Win_free(&d->win);
     MPI_Comm_free(&d->node);
     free(d->peer);
+    free(d->send);
+    free(d->recv);
+    free(d);
+}
+
+/* ---- single-copy pull (CMA) --------------------------------------------- */
+
+typedef struct {
+    MPI_Comm node;
+    MPI_Win win;
+    int rank, size;
+    size_t nbytes;
+    char *send, *recv;
+    uint64_t **word; /* per rank: its posted word, then one pulled word per sender */
+    pid_t *pid;
+    uint64_t *addr;  /* per rank: its send buffer's address */
+    uint64_t seq;
+    char error[256];
+} pull_t;
+
+#define WORD(d, owner, i) ((d)->word[owner] + 8 * (i)) /* a cache line each */
+
+void *floor_pull_open(MPI_Fint comm_f, size_t nbytes)
+{
+    MPI_Comm comm = MPI_Comm_f2c(comm_f);
+    pull_t *d = calloc(1, sizeof(*d));
+    uint64_t mine[2];
+    MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &d->node);
+    MPI_Comm_rank(d->node, &d->rank);
+    MPI_Comm_size(d->node, &d->size);
+    d->nbytes = nbytes;
+    size_t words = 8 * (size_t)(d->size + 1);
+    uint64_t *base;
+    MPI_Win_allocate_shared((MPI_Aint)(words * sizeof(uint64_t)), 64, MPI_INFO_NULL, d->node,
+                            &base, &d->win);
+    memset(base, 0, words * sizeof(uint64_t));
+    d->word = calloc(d->size, sizeof(uint64_t *));
+    for (int p = 0; p < d->size; p++) {
+        MPI_Aint sz;
+        int disp;
+        MPI_Win_shared_query(d->win, p, &sz, &disp, &d->word[p]);
+    }
+    d->send = malloc(nbytes * d->size + 1);
+    d->recv = malloc(nbytes * d->size + 1);
+    memset(d->send, d->rank + 1, nbytes * d->size);
+    memset(d->recv, 0, nbytes * d->size);
+    mine[0] = (uint64_t)getpid();
+    mine[1] = (uint64_t)(uintptr_t)d->send;
+    uint64_t *all = malloc(2 * sizeof(uint64_t) * d->size);
+    MPI_Allgather(mine, 2, MPI_UINT64_T, all, 2, MPI_UINT64_T, d->node);
+    d->pid = calloc(d->size, sizeof(pid_t));
+    d->addr = calloc(d->size, sizeof(uint64_t));
+    for (int p = 0; p < d->size; p++) {
+        d->pid[p] = (pid_t)all[2 * p];
+        d->addr[p] = all[2 * p + 1];
+    }
+    free(all);
+    MPI_Barrier(d->node);
+    return d;
+}
+
+const char *floor_pull_error(void *h) { return ((pull_t *)h)->error; }
+
+double floor_pull_run(void *h, int iters)
+{
+    pull_t *d = h;
+    int P = d->size, r = d->rank;
+    size_t n = d->nbytes;
+    double t0 = MPI_Wtime();
+    for (int i = 0; i < iters; i++) {
+        uint64_t seq = ++d->seq;
+        __atomic_store_n(WORD(d, r, 0), seq, __ATOMIC_RELEASE); /* posted */
+        memcpy(d->recv + r * n, d->send + r * n, n);
+        for (int k = 1; k < P; k++) {
+            int p = (r + k) % P;
+            while (__atomic_load_n(WORD(d, p, 0), __ATOMIC_ACQUIRE) < seq)
+                sched_yield();
+            struct iovec local = {d->recv + p * n, n};
+            struct iovec remote = {(void *)(uintptr_t)(d->addr[p] + r * n), n};
+            if (n && process_vm_readv(d->pid[p], &local, 1, &remote, 1, 0) != (ssize_t)n) {
+                snprintf(d->error, sizeof d->error, "process_vm_readv from node rank %d: %s", p,
+                         strerror(errno));
+                return -1;
+            }
+            __atomic_store_n(WORD(d, p, 1 + r), seq, __ATOMIC_RELEASE); /* pulled from p */
+        }
+        /* Our send buffer is free again once every peer has read its part. */
+        for (int k = 1; k < P; k++) {
+            int p = (r + k) % P;
+            while (__atomic_load_n(WORD(d, r, 1 + p), __ATOMIC_ACQUIRE) < seq)
+                sched_yield();
+        }
+    }
+    return (MPI_Wtime() - t0) / iters;
+}
+
+void floor_pull_close(void *h)
+{
+    pull_t *d = h;
+    MPI_Win_free(&d->win);
+    MPI_Comm_free(&d->node);
+    free(d->word);
+    free(d->pid);
+    free(d->addr);
     free(d->send);
     free(d->recv);
     free(d);
