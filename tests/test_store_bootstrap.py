@@ -76,6 +76,29 @@ def test_second_bootstrap_on_the_same_store_gets_its_own_keys():
         assert out == [[b"%d/0" % g, b"%d/1" % g] for g in range(3)]
 
 
+def test_a_dup_has_its_own_channel_so_its_calls_never_pair_with_the_parents():
+    store = dist.HashStore()
+
+    def rank_fn(r):
+        boot = StoreBootstrap(store, r, 2, timeout=10)
+        dup = boot.dup()
+        # The ranks use the two in opposite orders: each call must still meet
+        # the same bootstrap's call on the other rank.
+        order = [(boot, b"parent"), (dup, b"dup")] if r == 0 else [(dup, b"dup"), (boot, b"parent")]
+        got = {}
+        threads = [threading.Thread(target=lambda b=b, tag=tag: got.__setitem__(
+            tag, b.allgather(tag + b"%d" % r))) for b, tag in order]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(20)
+        return got
+
+    for got in run_threads(2, rank_fn):
+        assert got == {b"parent": [b"parent0", b"parent1"], b"dup": [b"dup0", b"dup1"]}
+
+
 def test_old_keys_are_deleted_once_every_rank_moved_on():
     store = dist.HashStore()
 

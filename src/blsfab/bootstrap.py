@@ -9,7 +9,10 @@ encode their content with struct or json. A bootstrap offers
   rank order, or blsfab.TimeoutError naming the ranks not heard from;
 * ``post_ahead(payload)``: contribute to the next allgather without waiting
   (a rank that gave up on a step tells the ranks already in the next one);
-* ``barrier(progress, timeout)``.
+* ``barrier(progress, timeout)``;
+* ``dup()``: a new bootstrap over the same ranks with its own message space
+  (collective: every rank calls it, in the same order). Each Communicator
+  needs its own, since its close() is collective for it alone.
 
 None of them blocks: they poll with a deadline and call ``progress()`` in
 between, since fabric progress is manual and a peer may be waiting on our
@@ -163,6 +166,9 @@ class MPIBootstrap:
 
     def barrier(self, progress: Progress, timeout: float) -> None:
         self.allgather(b"", progress, timeout)
+
+    def dup(self) -> "MPIBootstrap":
+        return MPIBootstrap(self.comm, self.timeout)
 
     def __repr__(self) -> str:
         return (f"<blsfab.MPIBootstrap rank={self.rank}/{self.size} "

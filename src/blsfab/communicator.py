@@ -266,9 +266,14 @@ class Communicator(_core.Collective):
     def dup(self) -> "Communicator":
         """A new Communicator over the same ranks with the same options
         (collective: every rank calls it). A Communicator belongs to the thread
-        that issues its iterations; give every other thread its own dup()."""
+        that issues its iterations; give every other thread its own dup().
+        The new one sets up and closes through its own bootstrap channel (the
+        bootstrap's dup(), where it has one), so closing the two in different
+        orders on different threads never pairs one's close with the other's."""
         engine = self.engine
-        return Communicator(bootstrap=self._boot, bound=self.bound, slot_bytes=self.slot_bytes,
+        dup_boot = getattr(self._boot, "dup", None)
+        boot = dup_boot() if callable(dup_boot) else self._boot
+        return Communicator(bootstrap=boot, bound=self.bound, slot_bytes=self.slot_bytes,
                             provider=self.provider, timeout=self.timeout,
                             chain_threshold=self.chain_threshold, progress=self.progress_mode,
                             ring_slots=engine.ring_slots, local=self.local)

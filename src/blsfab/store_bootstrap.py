@@ -75,6 +75,7 @@ class StoreBootstrap:
         self.rank = rank
         self.size = size
         self.timeout = float(timeout)
+        self._prefix = prefix
         # This rank's how-many-th bootstrap on this store: 1, 2, ...
         generation = store.add(f"{prefix}/generation/rank{rank}", 1)
         self._ns = f"{prefix}/{generation}"
@@ -160,6 +161,11 @@ class StoreBootstrap:
             self._await_keys(leave[1:], f"barrier #{self._seq} (leaving)", timeout, progress,
                              ranks=range(1, self.size))
         self._retire(mine)
+
+    def dup(self) -> "StoreBootstrap":
+        """The next key space on the same store (collective, like every call)."""
+        return StoreBootstrap(self.store, self.rank, self.size, timeout=self.timeout,
+                              prefix=self._prefix)
 
     def __repr__(self) -> str:
         return (f"<blsfab.StoreBootstrap rank={self.rank}/{self.size} keys={self._ns!r} "

@@ -94,7 +94,31 @@ t.join()
 expect(not errors, f"two threads with their own communicators: {errors!r}")
 expect(comm.stats()["blocked_posts"] > 0 or other.stats()["blocked_posts"] > 0,
        "no post waited for a credit; the test did not exercise the wait")
-other.close()
-comm.close()
+
+# Each closes its own communicator, in orders that differ between the ranks.
+# close() is collective per communicator: rank 0's other.close() must wait for
+# rank 1's, which starts a second late, not pair with rank 1's comm.close().
+took = {}
+
+
+def close_timed(c, name, delay):
+    time.sleep(delay)
+    t0 = time.monotonic()
+    c.close()
+    took[name] = time.monotonic() - t0
+
+
+if rank == 0:
+    plan = [(other, "other", 0.0), (comm, "comm", 0.3)]
+else:
+    plan = [(comm, "comm", 0.0), (other, "other", 1.0)]
+closers = [threading.Thread(target=close_timed, args=args) for args in plan]
+for t in closers:
+    t.start()
+for t in closers:
+    t.join()
+if rank == 0:
+    expect(took["other"] > 0.7, f"other.close() returned after {took['other']:.2f} s, before "
+           "rank 1 called it: the two communicators' closes were paired with each other")
 if rank == 0:
     print(f"OK threads {iters}")
