@@ -57,7 +57,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-SIZES = [8, 64, 512, 4096, 32768, 262144, 1 << 20]
+SIZES = [8, 64, 512, 4096, 32768, 65536, 262144, 1 << 20]
 QUICK_SIZES = [8, 512, 4096, 65536, 1 << 20]
 BATCH_SIZES = [8, 64, 512]
 BATCH_M = [1, 8, 26]

@@ -73,6 +73,16 @@ for round_ in range(40):
     for kit, parts in kept:
         check(kit, np.concatenate(parts), "views kept past release()")
     kept = kept[-8:]
+
+# views() gives its receive state and, once its arrays are gone, its pieces
+# back to the engine for reuse, like wait() does; the spares stay bounded.
+kept = None
+for k in range(100):
+    with issue(it).views() as parts:
+        check(it, np.concatenate(parts), "views")
+    it += 1
+spare = comm.stats()["spare_bytes"]
+expect(0 < spare <= 64 * 4096 + 7 * 64 * 4096, f"spare_bytes={spare} after 100 views() calls")
 comm.close()
 if rank == 0:
     print("OK recycling")

@@ -616,6 +616,14 @@ cdef class RingEngine(RingSender):
         go out with fi_inject_writedata."""
         self.inject_limit = min(limit, self.inject_size)
 
+    cdef size_t spare_bytes(self):
+        """Heap held for reuse: spare receive states and small pieces."""
+        cdef size_t n = self.nspare * iter_state_bytes(self.size)
+        cdef int c
+        for c in range(PIECE_CLASSES):
+            n += self.nspare_pieces[c] * (<size_t>1 << (PIECE_MIN_SHIFT + c))
+        return n
+
     def counters_dict(self):
         c = self.counters
         return {
@@ -632,6 +640,7 @@ cdef class RingEngine(RingSender):
             "shared_bytes": self.shared_rings.mapped_bytes if self.shared_rings is not None else 0,
             "paths": self.paths(),
             "staging_bytes": self.tx_region.nbytes if self.tx_region is not None else 0,
+            "spare_bytes": self.spare_bytes(),
             "ring_slots": self.ring_slots, "slot_bytes": self.slot_bytes,
             "inject_limit": self.inject_limit, "selective_completion": self.selective,
             "fabric": self.info.fabric_name, "domain": self.info.domain_name,

@@ -351,20 +351,25 @@ cdef class Request:
                         data = st.data[s]
                     elif s == st.borrowed_src:
                         # Our own part, copied once: the send buffer is the caller's.
-                        hold.piece = <char*>malloc(n if n else 1)
+                        self.engine.lock()
+                        hold.piece = self.engine.new_piece(n if n else 1)
+                        self.engine.unlock()
                         if hold.piece == NULL:
                             raise MemoryError()
+                        hold.nbytes = n if n else 1
                         memcpy(hold.piece, st.data[s], n)
                         data = hold.piece
                     else:
-                        hold.piece = st.data[s]
+                        hold.piece, hold.nbytes = st.data[s], n
                         data = hold.piece
                     st.data[s] = NULL
                     parts.append(view_array(self.is_torch, self.dtype, self.typenum, data, n,
                                             self.itemsize, hold))
                 self.note_received(st)
                 st.borrowed_src = -1
-                iter_state_free(st)
+                self.engine.lock()
+                self.engine.drop_state(st)  # its pieces are the views' now
+                self.engine.unlock()
                 self.state = NULL
                 self.sendbuf = None
                 self.views_taken = True

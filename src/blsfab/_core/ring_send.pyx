@@ -75,14 +75,15 @@ cdef class RingSender(RingProgress):
         from staging, then the payload straight from the caller's buffer. The
         iteration completes only after this write's local completion."""
         cdef Peer* p = &self.peers[dst]
-        cdef size_t i = dst * self.ring_slots + p.tx_seq % self.ring_slots
+        cdef size_t pos = p.tx_seq % self.ring_slots
+        cdef size_t i = dst * self.ring_slots + pos
         cdef iovec iov[2]
         cdef void* desc[2]
         cdef fi_rma_iov rma
         cdef fi_msg_rma msg
         cdef uint64_t flags = FI_REMOTE_CQ_DATA | FI_COMPLETION
         cdef int rc
-        iov[0].iov_base = p.tx_stage + (p.tx_seq % self.ring_slots) * self.stage_slot_bytes
+        iov[0].iov_base = p.tx_stage + pos * self.stage_slot_bytes
         iov[0].iov_len = header
         iov[1].iov_base, iov[1].iov_len = <void*>payload, n
         desc[0], desc[1] = self.tx_desc, NULL

@@ -11,7 +11,8 @@ cdef class _ViewHold:
     cdef RingEngine engine
     cdef int src
     cdef uint32_t held          # ring position + 1, or 0
-    cdef char* piece            # owned piece, or NULL
+    cdef char* piece            # owned piece (the engine's new_piece), or NULL
+    cdef size_t nbytes          # its size, to give it back with free_piece
     cdef object borrowed        # the caller's send buffer, lent as the self part, or None
 
     def __cinit__(self):
@@ -19,13 +20,18 @@ cdef class _ViewHold:
         self.held = 0
 
     def __dealloc__(self):
-        if self.held and self.engine is not None:
-            self.engine.lock()
+        if self.engine is None:
+            free(self.piece)
+            return
+        self.engine.lock()
+        if self.held:
             self.engine.view_holds -= 1
             if not self.engine.closed:
                 self.engine.release_hold(self.src, self.held)
-            self.engine.unlock()
-        free(self.piece)
+        if self.piece != NULL:
+            # Back to the engine's spares (it outlives us: we hold a reference).
+            self.engine.free_piece(self.piece, self.nbytes)
+        self.engine.unlock()
 
 
 cdef object view_array(bint is_torch, object dtype, int typenum, char* data, size_t nbytes,
