@@ -51,47 +51,73 @@
 
 static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-/* ---- direct shared mapping ---------------------------------------------- */
+/* ---- the node's ranks, a shared window, and the buffers ------------------ */
 
 typedef struct {
     MPI_Comm node;
     MPI_Win win;
     int rank, size;
-    size_t nbytes, slot;
-    char *base, **peer, *send, *recv;
+    size_t nbytes;     /* per peer */
+    char **peer;       /* per node rank: its part of the shared window */
+    char *send, *recv; /* nbytes per rank each */
+} node_t;
+
+/* Split off the node's ranks, give each `fixed + per_rank * node ranks` bytes
+ * (zeroed) of a shared window that all of them map, and fill the send buffer. */
+static void node_open(node_t *n, MPI_Fint comm_f, size_t nbytes, size_t fixed, size_t per_rank)
+{
+    char *base;
+    size_t window_bytes;
+    MPI_Comm_split_type(MPI_Comm_f2c(comm_f), MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &n->node);
+    MPI_Comm_rank(n->node, &n->rank);
+    MPI_Comm_size(n->node, &n->size);
+    n->nbytes = nbytes;
+    window_bytes = fixed + per_rank * (size_t)n->size;
+    MPI_Win_allocate_shared((MPI_Aint)window_bytes, 64, MPI_INFO_NULL, n->node, &base, &n->win);
+    memset(base, 0, window_bytes);
+    n->peer = calloc(n->size, sizeof(char *));
+    for (int p = 0; p < n->size; p++) {
+        MPI_Aint sz;
+        int disp;
+        MPI_Win_shared_query(n->win, p, &sz, &disp, &n->peer[p]);
+    }
+    n->send = malloc(nbytes * n->size + 1);
+    n->recv = malloc(nbytes * n->size + 1);
+    memset(n->send, n->rank + 1, nbytes * n->size);
+    memset(n->recv, 0, nbytes * n->size);
+}
+
+static void node_close(node_t *n)
+{
+    MPI_Win_free(&n->win);
+    MPI_Comm_free(&n->node);
+    free(n->peer);
+    free(n->send);
+    free(n->recv);
+}
+
+/* ---- direct shared mapping ---------------------------------------------- */
+
+typedef struct {
+    node_t n;
+    size_t slot;
     uint64_t seq;
 } direct_t;
 
 void *floor_direct_open(MPI_Fint comm_f, size_t nbytes)
 {
-    MPI_Comm comm = MPI_Comm_f2c(comm_f);
     direct_t *d = calloc(1, sizeof(*d));
-    MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &d->node);
-    MPI_Comm_rank(d->node, &d->rank);
-    MPI_Comm_size(d->node, &d->size);
-    d->nbytes = nbytes;
     d->slot = HEADER + round_up(nbytes, 64);
-    MPI_Win_allocate_shared((MPI_Aint)(2 * d->size * d->slot), 64, MPI_INFO_NULL, d->node,
-                            &d->base, &d->win);
-    d->peer = calloc(d->size, sizeof(char *));
-    for (int p = 0; p < d->size; p++) {
-        MPI_Aint sz;
-        int disp;
-        MPI_Win_shared_query(d->win, p, &sz, &disp, &d->peer[p]);
-    }
-    memset(d->base, 0, 2 * d->size * d->slot);
-    d->send = malloc(nbytes * d->size + 1);
-    d->recv = malloc(nbytes * d->size + 1);
-    memset(d->send, d->rank + 1, nbytes * d->size);
-    memset(d->recv, 0, nbytes * d->size);
-    MPI_Barrier(d->node);
+    node_open(&d->n, comm_f, nbytes, 0, 2 * d->slot); /* two slots per sender */
+    MPI_Barrier(d->n.node);
     return d;
 }
 
 double floor_direct_run(void *h, int iters, int copy_out)
 {
     direct_t *d = h;
-    int P = d->size, r = d->rank;
+    node_t *n = &d->n;
+    int P = n->size, r = n->rank;
     volatile char sink = 0;
     double t0 = MPI_Wtime();
     for (int i = 0; i < iters; i++) {
@@ -99,18 +125,18 @@ double floor_direct_run(void *h, int iters, int copy_out)
         size_t depth = seq & 1;
         for (int k = 0; k < P; k++) {
             int p = (r + k) % P;
-            char *s = d->peer[p] + (depth * P + r) * d->slot;
-            memcpy(s + HEADER, d->send + p * d->nbytes, d->nbytes);
+            char *s = n->peer[p] + (depth * P + r) * d->slot;
+            memcpy(s + HEADER, n->send + p * n->nbytes, n->nbytes);
             __atomic_store_n((uint64_t *)s, seq, __ATOMIC_RELEASE);
         }
         for (int k = 0; k < P; k++) {
             int p = (r + P - k) % P;
-            char *s = d->base + (depth * P + p) * d->slot;
+            char *s = n->peer[r] + (depth * P + p) * d->slot;
             while (__atomic_load_n((uint64_t *)s, __ATOMIC_ACQUIRE) != seq)
                 sched_yield();
             if (copy_out)
-                memcpy(d->recv + p * d->nbytes, s + HEADER, d->nbytes);
-            else if (d->nbytes)
+                memcpy(n->recv + p * n->nbytes, s + HEADER, n->nbytes);
+            else if (n->nbytes)
                 sink = s[HEADER];
         }
     }
@@ -120,68 +146,39 @@ double floor_direct_run(void *h, int iters, int copy_out)
 
 void floor_direct_close(void *h)
 {
-    direct_t *d = h;
-    MPI_Win_free(&d->win);
-    MPI_Comm_free(&d->node);
-    free(d->peer);
-    free(d->send);
-    free(d->recv);
-    free(d);
+    node_close(&((direct_t *)h)->n);
+    free(h);
 }
 
 /* ---- single-copy pull (CMA) --------------------------------------------- */
 
 typedef struct {
-    MPI_Comm node;
-    MPI_Win win;
-    int rank, size;
-    size_t nbytes;
-    char *send, *recv;
-    uint64_t **word; /* per rank: its posted word, then one pulled word per sender */
+    node_t n;        /* window per rank: its posted word, then one pulled word per sender */
     pid_t *pid;
     uint64_t *addr;  /* per rank: its send buffer's address */
     uint64_t seq;
     char error[256];
 } pull_t;
 
-#define WORD(d, owner, i) ((d)->word[owner] + 8 * (i)) /* a cache line each */
+#define WORD(d, owner, i) ((uint64_t *)(d)->n.peer[owner] + 8 * (i)) /* a cache line each */
 
 void *floor_pull_open(MPI_Fint comm_f, size_t nbytes)
 {
-    MPI_Comm comm = MPI_Comm_f2c(comm_f);
     pull_t *d = calloc(1, sizeof(*d));
     uint64_t mine[2];
-    MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &d->node);
-    MPI_Comm_rank(d->node, &d->rank);
-    MPI_Comm_size(d->node, &d->size);
-    d->nbytes = nbytes;
-    size_t words = 8 * (size_t)(d->size + 1);
-    uint64_t *base;
-    MPI_Win_allocate_shared((MPI_Aint)(words * sizeof(uint64_t)), 64, MPI_INFO_NULL, d->node,
-                            &base, &d->win);
-    memset(base, 0, words * sizeof(uint64_t));
-    d->word = calloc(d->size, sizeof(uint64_t *));
-    for (int p = 0; p < d->size; p++) {
-        MPI_Aint sz;
-        int disp;
-        MPI_Win_shared_query(d->win, p, &sz, &disp, &d->word[p]);
-    }
-    d->send = malloc(nbytes * d->size + 1);
-    d->recv = malloc(nbytes * d->size + 1);
-    memset(d->send, d->rank + 1, nbytes * d->size);
-    memset(d->recv, 0, nbytes * d->size);
+    node_open(&d->n, comm_f, nbytes, 64, 64); /* posted word, then a pulled word per sender */
     mine[0] = (uint64_t)getpid();
-    mine[1] = (uint64_t)(uintptr_t)d->send;
-    uint64_t *all = malloc(2 * sizeof(uint64_t) * d->size);
-    MPI_Allgather(mine, 2, MPI_UINT64_T, all, 2, MPI_UINT64_T, d->node);
-    d->pid = calloc(d->size, sizeof(pid_t));
-    d->addr = calloc(d->size, sizeof(uint64_t));
-    for (int p = 0; p < d->size; p++) {
+    mine[1] = (uint64_t)(uintptr_t)d->n.send;
+    uint64_t *all = malloc(2 * sizeof(uint64_t) * d->n.size);
+    MPI_Allgather(mine, 2, MPI_UINT64_T, all, 2, MPI_UINT64_T, d->n.node);
+    d->pid = calloc(d->n.size, sizeof(pid_t));
+    d->addr = calloc(d->n.size, sizeof(uint64_t));
+    for (int p = 0; p < d->n.size; p++) {
         d->pid[p] = (pid_t)all[2 * p];
         d->addr[p] = all[2 * p + 1];
     }
     free(all);
-    MPI_Barrier(d->node);
+    MPI_Barrier(d->n.node);
     return d;
 }
 
@@ -190,18 +187,19 @@ const char *floor_pull_error(void *h) { return ((pull_t *)h)->error; }
 double floor_pull_run(void *h, int iters)
 {
     pull_t *d = h;
-    int P = d->size, r = d->rank;
-    size_t n = d->nbytes;
+    node_t *nd = &d->n;
+    int P = nd->size, r = nd->rank;
+    size_t n = nd->nbytes;
     double t0 = MPI_Wtime();
     for (int i = 0; i < iters; i++) {
         uint64_t seq = ++d->seq;
         __atomic_store_n(WORD(d, r, 0), seq, __ATOMIC_RELEASE); /* posted */
-        memcpy(d->recv + r * n, d->send + r * n, n);
+        memcpy(nd->recv + r * n, nd->send + r * n, n);
         for (int k = 1; k < P; k++) {
             int p = (r + k) % P;
             while (__atomic_load_n(WORD(d, p, 0), __ATOMIC_ACQUIRE) < seq)
                 sched_yield();
-            struct iovec local = {d->recv + p * n, n};
+            struct iovec local = {nd->recv + p * n, n};
             struct iovec remote = {(void *)(uintptr_t)(d->addr[p] + r * n), n};
             if (n && process_vm_readv(d->pid[p], &local, 1, &remote, 1, 0) != (ssize_t)n) {
                 snprintf(d->error, sizeof d->error, "process_vm_readv from node rank %d: %s", p,
@@ -223,13 +221,9 @@ double floor_pull_run(void *h, int iters)
 void floor_pull_close(void *h)
 {
     pull_t *d = h;
-    MPI_Win_free(&d->win);
-    MPI_Comm_free(&d->node);
-    free(d->word);
+    node_close(&d->n);
     free(d->pid);
     free(d->addr);
-    free(d->send);
-    free(d->recv);
     free(d);
 }
 

@@ -160,9 +160,7 @@ class MPIBootstrap:
             if loop.expired():
                 raise TimeoutError(
                     f"rank {self.rank}: bootstrap call {self._seq} not reached by ranks "
-                    f"{missing} within {limit:.3g} s (MPI bootstrap; if the application "
-                    "receives with MPI.ANY_TAG on this communicator meanwhile, pass blsfab "
-                    "comm.Dup())", ranks=missing)
+                    f"{missing} within {limit:.3g} s (MPI bootstrap)", ranks=missing)
             loop.pause()
         return [unseal(got[r], f"rank {r}'s bootstrap message") for r in range(self.size)]
 

@@ -216,6 +216,7 @@ cdef class Request:
             if st.detached:
                 if self.engine is not None:
                     self.engine.release_state_holds(st)
+                if self.engine is not None and self.engine.spares_safe():
                     self.engine.drop_state(st)
                 else:
                     iter_state_free(st)
@@ -227,7 +228,8 @@ cdef class Request:
                 src = st.borrowed_src
                 if src >= 0 and st.have[src] and st.nbytes[src]:
                     # The send buffer dies with us; keep what the engine may still read.
-                    piece = self.engine.new_piece(st.nbytes[src])
+                    piece = (self.engine.new_piece(st.nbytes[src]) if self.engine.spares_safe()
+                             else piece_alloc(st.nbytes[src]))
                     if piece != NULL:
                         memcpy(piece, st.data[src], st.nbytes[src])
                     st.data[src] = piece

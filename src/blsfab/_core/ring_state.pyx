@@ -163,7 +163,7 @@ cdef class RingState:
             if not st.held[s] and s != st.borrowed_src and st.data[s] != NULL:
                 self.free_piece(st.data[s], st.nbytes[s])
                 st.data[s] = NULL
-        iter_state_free_pieces(st)  # what is left: the assembled result
+        free(st.result)  # all it still owns; iter_state_init clears the pointer
         if self.nspare >= SPARE_STATES:
             free(st)
             return
@@ -173,15 +173,14 @@ cdef class RingState:
 
     cdef char* new_piece(self, size_t n) noexcept nogil:
         """Room for a received record of ``n`` bytes; NULL if out of memory.
-        Every piece of a receive state comes from here, so that free_piece()
-        may keep it for reuse; plain free() is always right too."""
+        Every piece of a receive state comes from here (or piece_alloc), so
+        that free_piece() may keep it for reuse; plain free() is always right
+        too."""
         cdef int c = piece_class(n)
-        if c < 0:
-            return <char*>malloc(n)
-        if self.nspare_pieces[c]:
+        if c >= 0 and self.nspare_pieces[c]:
             self.nspare_pieces[c] -= 1
             return self.spare_pieces[c * SPARE_PIECES + self.nspare_pieces[c]]
-        return <char*>malloc(<size_t>1 << (PIECE_MIN_SHIFT + c))
+        return piece_alloc(n)
 
     cdef void free_piece(self, char* piece, size_t n) noexcept nogil:
         """Give back a piece of new_piece(n)."""
@@ -191,6 +190,14 @@ cdef class RingState:
             return
         self.spare_pieces[c * SPARE_PIECES + self.nspare_pieces[c]] = piece
         self.nspare_pieces[c] += 1
+
+    cdef inline bint spares_safe(self) noexcept:
+        """May a caller holding the GIL use the spare lists now, from any
+        thread? Yes if the lock guards them (progress thread), or if no thread
+        is inside a call that released the GIL: one cannot start while we hold
+        it. Otherwise (an object dropped on another thread mid-wait) use plain
+        malloc and free, which are always right."""
+        return self.threaded or self.active_thread == 0
 
     cdef inline void lock(self) noexcept nogil:
         if self.threaded:

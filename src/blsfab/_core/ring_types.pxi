@@ -191,17 +191,19 @@ cdef inline int piece_class(size_t n) noexcept nogil:
     return c
 
 
-cdef void iter_state_free_pieces(IterState* st) noexcept nogil:
-    """Free what the state owns: its pieces (never data held in a ring or
-    borrowed from the send buffer) and any assembled result."""
+cdef inline char* piece_alloc(size_t n) noexcept nogil:
+    """A new piece for ``n`` bytes, sized to its whole class, so that it may
+    later go to the spares and serve any record of that class."""
+    cdef int c = piece_class(n)
+    return <char*>malloc(n if c < 0 else <size_t>1 << (PIECE_MIN_SHIFT + c))
+
+
+cdef void iter_state_free(IterState* st) noexcept nogil:
+    """Free the state and what it owns: its pieces (never data held in a ring
+    or borrowed from the send buffer) and any assembled result."""
     cdef int i
     for i in range(st.nranks):
         if not st.held[i] and i != st.borrowed_src:
             free(st.data[i])
     free(st.result)
-
-
-cdef void iter_state_free(IterState* st) noexcept nogil:
-    """Free the state and its pieces."""
-    iter_state_free_pieces(st)
     free(st)

@@ -30,7 +30,10 @@ cdef class _ViewHold:
                 self.engine.release_hold(self.src, self.held)
         if self.piece != NULL:
             # Back to the engine's spares (it outlives us: we hold a reference).
-            self.engine.free_piece(self.piece, self.nbytes)
+            if self.engine.spares_safe():
+                self.engine.free_piece(self.piece, self.nbytes)
+            else:
+                free(self.piece)
         self.engine.unlock()
 
 
